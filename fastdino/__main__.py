@@ -1,0 +1,3 @@
+from fastdino.cli import main
+
+raise SystemExit(main())

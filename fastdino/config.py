@@ -1,0 +1,223 @@
+"""Typed run configuration.
+
+The dataclasses below are the schema (names and types only); every default value
+lives in `configs/default.yaml`, with a comment, so there is one place to read them.
+A run's config is built as default.yaml <- experiment file <- `key=value`
+overrides, validated against the schema at load time, and written into the run
+folder as `config.yaml`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem, reported to the user as one line."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = MISSING
+    patch_size: int = MISSING
+    img_size: int = MISSING
+    drop_path_rate: float = MISSING
+    attn_backend: str = MISSING
+    out_dim: int = MISSING
+    head_hidden_dim: int = MISSING
+    head_bottleneck_dim: int = MISSING
+    head_nlayers: int = MISSING
+    use_bn_in_head: bool = MISSING
+    norm_last_layer: bool = MISSING
+
+
+@dataclass
+class AugmentConfig:
+    global_scale: List[float] = MISSING
+    local_scale: List[float] = MISSING
+    ratio: List[float] = MISSING
+    flip_p: float = MISSING
+    color_jitter_p: float = MISSING
+    brightness: float = MISSING
+    contrast: float = MISSING
+    saturation: float = MISSING
+    hue: float = MISSING
+    grayscale_p: float = MISSING
+    blur_p: List[float] = MISSING
+    blur_sigma: List[float] = MISSING
+    solarize_p: List[float] = MISSING
+    mean: List[float] = MISSING
+    std: List[float] = MISSING
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    n_local_crops: int = MISSING
+    global_size: int = MISSING
+    local_size: int = MISSING
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = MISSING
+    lr: float = MISSING
+    min_lr: float = MISSING
+    warmup_epochs: float = MISSING
+    weight_decay: float = MISSING
+    weight_decay_end: float = MISSING
+    betas: List[float] = MISSING
+    clip_grad: float = MISSING
+    freeze_last_layer: int = MISSING
+
+
+@dataclass
+class DINOConfig:
+    momentum_teacher: float = MISSING
+    warmup_teacher_temp: float = MISSING
+    teacher_temp: float = MISSING
+    warmup_teacher_temp_epochs: int = MISSING
+    student_temp: float = MISSING
+    center_momentum: float = MISSING
+    loss_impl: str = MISSING
+    ema_impl: str = MISSING
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = MISSING
+
+
+@dataclass
+class EvalConfig:
+    knn_train_path: str = MISSING
+    knn_val_path: str = MISSING
+    knn_k: int = MISSING
+    knn_temperature: float = MISSING
+    knn_every: int = MISSING
+    eval_size: int = MISSING
+
+
+@dataclass
+class MonitorConfig:
+    entropy_warn_fraction: float = MISSING
+    feature_std_warn: float = MISSING
+    top_prob_warn: float = MISSING
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = MISSING
+    seed: int = MISSING
+    max_steps: int = MISSING
+    device: str = MISSING
+    precision: str = MISSING
+    log_every: int = MISSING
+    checkpoint_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    on_nonfinite_loss: str = MISSING
+    progress: bool = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+CHOICES = {
+    "model.arch": ("vit_tiny", "vit_small", "vit_base"),
+    "model.patch_size": (4, 8, 16),
+    "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
+    "dino.loss_impl": ("auto", "triton", "torch"),
+    "dino.ema_impl": ("auto", "triton", "torch"),
+    "parallel.zero_stage": (0, 1, 2),
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "bf16", "fp32"),
+    "on_nonfinite_loss": ("error", "skip"),
+}
+
+
+def _one_line(exc: OmegaConfBaseException, source: str) -> str:
+    key = getattr(exc, "full_key", None)
+    message = str(exc).splitlines()[0].strip()
+    where = f" in {source}" if source else ""
+    return f"config key '{key}'{where}: {message}" if key else f"config{where}: {message}"
+
+
+def _merge(base: DictConfig, update, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc, source)) from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors come from several libraries
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return loaded
+
+
+def _validate(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config key '{missing[0]}' has no value: set it in the config file or as {missing[0]}=...")
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
+    positive = ["data.batch_size", "data.global_size", "data.local_size", "optim.epochs", "model.out_dim"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {OmegaConf.select(cfg, key)}")
+    if cfg.data.n_local_crops < 0:
+        raise ConfigError(f"config key 'data.n_local_crops' must be >= 0, got {cfg.data.n_local_crops}")
+    for key in ("model.img_size", "data.global_size", "data.local_size"):
+        if OmegaConf.select(cfg, key) % cfg.model.patch_size:
+            raise ConfigError(f"config key '{key}' must be a multiple of model.patch_size={cfg.model.patch_size}")
+    for key in ("data.augment.blur_p", "data.augment.solarize_p"):
+        if len(OmegaConf.select(cfg, key)) != 3:
+            raise ConfigError(f"config key '{key}' needs 3 probabilities: global crop 1, global crop 2, local crops")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """default.yaml, then the experiment file `path`, then `key=value` overrides."""
+    cfg = OmegaConf.structured(RunConfig)
+    cfg = _merge(cfg, _read_yaml(DEFAULT_CONFIG), DEFAULT_CONFIG.name)
+    if path is not None:
+        cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (for example optim.lr=0.001)")
+        key, value = item.split("=", 1)
+        if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
+            raise ConfigError(f"config key '{key}' does not exist (override '{item}')")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line")
+    _validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(cfg))
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
