@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = MISSING
+    depth: int = MISSING
     patch_size: int = MISSING
     img_size: int = MISSING
     drop_path_rate: float = MISSING
@@ -197,6 +198,15 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}' needs 3 probabilities: global crop 1, global crop 2, local crops")
 
 
+def _key_exists(cfg: DictConfig, dotted_key: str) -> bool:
+    node = cfg
+    for part in dotted_key.split("."):
+        if not isinstance(node, DictConfig) or part not in node.keys():
+            return False
+        node = node._get_node(part)
+    return True
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """default.yaml, then the experiment file `path`, then `key=value` overrides."""
     cfg = OmegaConf.structured(RunConfig)
@@ -207,7 +217,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (for example optim.lr=0.001)")
         key, value = item.split("=", 1)
-        if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
+        if not _key_exists(cfg, key):
             raise ConfigError(f"config key '{key}' does not exist (override '{item}')")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line")
     _validate(cfg)

@@ -1,0 +1,63 @@
+"""Attention-map pictures for image files or arrays (used by `fastdino viz attention` and the demo)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from fastdino.eval.attention_maps import (last_attention_maps, patch_pca_rgb, save_attention_figure,
+                                          threshold_attention)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except Exception as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+
+
+def prepare(image: np.ndarray, size: int, patch_size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Shorter side to `size`, then cropped to a multiple of the patch; returns (uint8 HWC, normalised CHW)."""
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    resized = Image.fromarray(image).resize((max(patch_size, round(width * scale)), max(patch_size, round(height * scale))),
+                                            Image.BICUBIC)
+    pixels = np.asarray(resized)
+    pixels = pixels[: pixels.shape[0] // patch_size * patch_size, : pixels.shape[1] // patch_size * patch_size]
+    tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return pixels, (tensor - mean) / std
+
+
+@torch.no_grad()
+def draw_attention(backbone, patch_size: int, image: np.ndarray, path: Path, size: int, title: str) -> Path:
+    pixels, tensor = prepare(image, size, patch_size)
+    device = next(backbone.parameters()).device
+    tensor = tensor.to(device)
+    maps = last_attention_maps(backbone, tensor, patch_size).float().cpu()
+    masks = threshold_attention(maps, keep_mass=0.6)
+    pca = patch_pca_rgb(backbone, tensor, patch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_attention_figure(pixels, maps.numpy(), masks.numpy() if torch.is_tensor(masks) else masks, path,
+                          title=title, pca_rgb=pca.cpu().numpy() if torch.is_tensor(pca) else pca)
+    return path
+
+
+def draw_attention_for_files(backbone, patch_size: int, image_paths: list[str], out_dir: Path,
+                             size: int = 224) -> list[Path]:
+    out = []
+    for image_path in image_paths:
+        name = Path(image_path).stem
+        out.append(draw_attention(backbone, patch_size, load_image(image_path), out_dir / f"attention_{name}.png",
+                                  size, title=name))
+    return out

@@ -1,0 +1,85 @@
+"""Weighted k-NN evaluation of frozen features, as official DINO `eval_knn.py`.
+
+Each test image takes its k most cosine-similar training images; neighbour j votes
+for its label with weight exp(sim_j / T) and the classes are ranked by summed votes.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` in eval mode (no dropout / drop path), then restore its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed `(images [B, 3, H, W], labels [B])` batches with `model` in eval mode.
+
+    Returns fp32 L2-normalised features `[N, D]` and long labels `[N]`, both on `device`.
+    """
+    features, labels = [], []
+    with eval_mode(model):
+        for images, batch_labels in batches:
+            embedding = model(images.to(device, non_blocking=True)).float()
+            features.append(F.normalize(embedding, dim=1))
+            labels.append(torch.as_tensor(batch_labels).to(device, torch.long))
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07,
+                 num_classes: int | None = None, chunk_size: int = 1024,
+                 ks: Sequence[int] | None = None) -> dict:
+    """Weighted k-NN accuracy in percent: `{"top1": ..., "top5": ...}`.
+
+    Features must be L2-normalised (as `extract_features` returns them). k is clipped to
+    the training-set size; "top5" is only reported with at least 5 classes and, as
+    official, counts the target among the first min(5, k) ranked classes. With
+    `ks=(10, 20, 100, 200)` every k is scored from one neighbour search and the result
+    is `{k: {"top1": ..., "top5": ...}}`.
+    """
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    requested = tuple(ks) if ks is not None else (k,)
+    clipped = {kk: min(kk, len(train_labels)) for kk in requested}
+    max_k = max(clipped.values())
+    top1 = dict.fromkeys(requested, 0)
+    top5 = dict.fromkeys(requested, 0)
+    for start in range(0, len(test_labels), chunk_size):
+        targets = test_labels[start:start + chunk_size].view(-1, 1)
+        similarity = test_features[start:start + chunk_size] @ train_features.T
+        # Sorted, so the first k columns are the k nearest for every smaller k too.
+        neighbour_sims, neighbour_idx = similarity.topk(max_k, dim=1)
+        neighbour_labels = train_labels[neighbour_idx]
+        vote_weights = (neighbour_sims / temperature).exp()
+        for kk in requested:
+            n = clipped[kk]
+            votes = torch.zeros(len(targets), num_classes, device=vote_weights.device, dtype=vote_weights.dtype)
+            votes.scatter_add_(1, neighbour_labels[:, :n], vote_weights[:, :n])
+            ranked_votes, ranked = votes.topk(min(5, n, num_classes), dim=1)
+            # A class no neighbour voted for is no prediction (official would count an arbitrary tie).
+            hits = (ranked == targets) & (ranked_votes > 0)
+            top1[kk] += hits[:, 0].sum().item()
+            top5[kk] += hits.any(dim=1).sum().item()
+    total = len(test_labels)
+    results = {}
+    for kk in requested:
+        results[kk] = {"top1": 100.0 * top1[kk] / total}
+        if num_classes >= 5:
+            results[kk]["top5"] = 100.0 * top5[kk] / total
+    return results if ks is not None else results[k]

@@ -1,0 +1,228 @@
+"""Vision Transformer backbone, parameter-for-parameter the official DINO one.
+
+Module names, parameter shapes and initialisation follow facebookresearch/dino
+`vision_transformer.py`, so its checkpoints load with strict=True and outputs match.
+What differs is inside: attention goes through `fastdino.models.attention` (xformers /
+sdpa / math), and every forward also accepts an `attn_bias` for packed sequences.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastdino.models.attention import BACKENDS, attention, attention_weights
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero the whole residual branch of a sample with probability
+    `drop_prob`, scaling survivors by 1/keep_prob so the expectation is unchanged."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    return x * keep / keep_prob
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, qk_scale: float | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.attn_drop = attn_drop
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, attn_bias=None, return_weights: bool = False):
+        """`[B, N, C]` -> `[B, N, C]`; with `return_weights`, also the `[B, heads, N, N]`
+        attention probabilities (computed on the math path, the only one that has them)."""
+        B, N, C = x.shape
+        # Heads are split as views: q/k/v keep the [B, N, heads, D] memory order xformers wants.
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if return_weights:
+            weights = attention_weights(q, k, scale=self.scale, attn_bias=attn_bias)
+            out = F.dropout(weights, p=dropout_p) @ v
+        else:
+            out = attention(q, k, v, self.backend, scale=self.scale, dropout_p=dropout_p, attn_bias=attn_bias)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+        return (out, weights) if return_weights else out
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, backend={self.backend!r}, attn_drop={self.attn_drop}"
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 qk_scale: float | None = None, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 attn_backend: str = "auto"):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+                              proj_drop=drop, backend=attn_backend)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor, attn_bias=None, return_attention: bool = False) -> torch.Tensor:
+        """Next tokens, or with `return_attention` this block's attention probabilities instead."""
+        if return_attention:
+            return self.attn(self.norm1(x), attn_bias, return_weights=True)[1]
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_bias))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens, `[B, C, H, W]` -> `[B, H/p * W/p, D]`."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size: int | list[int] = (224,), patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 0, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: float | None = None,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, attn_backend: str = "auto"):
+        super().__init__()
+        if attn_backend not in ("auto", *BACKENDS):
+            raise ValueError(f"unknown attn_backend {attn_backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+        if not isinstance(img_size, int):  # official passes a one-element list
+            img_size = img_size[0]
+        self.num_features = self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        # Stochastic depth grows linearly with depth, from 0 at the first block.
+        drop_path_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=rate, norm_layer=norm_layer, attn_backend=attn_backend)
+            for rate in drop_path_rates])
+        self.norm = norm_layer(embed_dim)
+        # Kept for checkpoint compatibility; like the official model, forward never applies it.
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def interpolate_pos_encoding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Position embedding for a `grid_h x grid_w` patch grid (bicubic from the native square grid)."""
+        side = int(math.sqrt(self.pos_embed.shape[1] - 1))
+        if (grid_h, grid_w) == (side, side):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        # Scale factors (not a target size) with the official +0.1 nudge, so results match
+        # official DINO exactly; the nudge keeps float error from losing a row (dino#8).
+        patch_pos = F.interpolate(patch_pos, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
+                                  mode="bicubic")
+        assert patch_pos.shape[-2:] == (grid_h, grid_w), patch_pos.shape
+        return torch.cat((cls_pos, patch_pos.flatten(2).transpose(1, 2)), dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images `[B, C, H, W]` (H, W multiples of the patch) -> `[B, 1 + patches, D]`, CLS first."""
+        B, _, H, W = x.shape
+        p = self.patch_embed.patch_size
+        tokens = torch.cat((self.cls_token.expand(B, -1, -1), self.patch_embed(x)), dim=1)
+        return self.pos_drop(tokens + self.interpolate_pos_encoding(H // p, W // p))
+
+    def forward_features(self, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
+        """All output tokens after the final norm, `[B, 1 + patches, D]`, CLS first."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks:
+            x = block(x, attn_bias)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
+        """The CLS embedding `[B, D]`."""
+        return self.forward_features(x, attn_bias)[:, 0]
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's attention probabilities, `[B, heads, N, N]`."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.blocks[-1](x, return_attention=True)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """The normed output tokens of the last `n` blocks, oldest first."""
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
+
+
+def _init_weights(module: nn.Module) -> None:
+    # The official init; the patch-embedding conv keeps PyTorch's default, as there.
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _vit(patch_size: int, drop_path_rate: float, arch: dict, overrides: dict) -> VisionTransformer:
+    # Unlike the official factories, kwargs may override the architecture (depth=2 for a quick test).
+    arch = dict(depth=12, mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **arch)
+    return VisionTransformer(patch_size=patch_size, drop_path_rate=drop_path_rate, **{**arch, **overrides})
+
+
+def vit_tiny(patch_size: int = 16, drop_path_rate: float = 0.0, **kwargs) -> VisionTransformer:
+    return _vit(patch_size, drop_path_rate, dict(embed_dim=192, num_heads=3), kwargs)
+
+
+def vit_small(patch_size: int = 16, drop_path_rate: float = 0.0, **kwargs) -> VisionTransformer:
+    return _vit(patch_size, drop_path_rate, dict(embed_dim=384, num_heads=6), kwargs)
+
+
+def vit_base(patch_size: int = 16, drop_path_rate: float = 0.0, **kwargs) -> VisionTransformer:
+    return _vit(patch_size, drop_path_rate, dict(embed_dim=768, num_heads=12), kwargs)

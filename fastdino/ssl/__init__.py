@@ -1,0 +1,8 @@
+"""DINO's self-supervised logic: loss, EMA teacher, student/teacher wrappers."""
+from fastdino.ssl.ema import ema_update_
+from fastdino.ssl.loss import DINOLoss
+from fastdino.ssl.meta_arch import (MultiCropWrapper, build_student_teacher, cancel_last_layer_gradients,
+                                    clip_gradients_per_parameter, param_groups)
+
+__all__ = ["DINOLoss", "ema_update_", "MultiCropWrapper", "build_student_teacher", "param_groups",
+           "clip_gradients_per_parameter", "cancel_last_layer_gradients"]

@@ -1,0 +1,71 @@
+"""DINO loss with the official semantics.
+
+Teacher: softmax((t - centre) / tau_t), tau_t warmed up per epoch. Student:
+log_softmax(s / tau_s). Cross-entropy over every (teacher view, student view)
+pair with different views, averaged. The centre follows an EMA of the teacher's
+batch-mean logits, all-reduced across ranks. The arithmetic lives in
+`fastdino_kernels.dino_loss`: a fused Triton kernel and its PyTorch twin.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastdino._dispatch import resolve_impl
+from fastdino_kernels.dino_loss import dino_loss as dino_loss_triton
+from fastdino_kernels.dino_loss import dino_loss_reference
+
+logger = logging.getLogger(__name__)
+
+
+def teacher_temperature_schedule(warmup_teacher_temp: float, teacher_temp: float,
+                                 warmup_teacher_temp_epochs: int, nepochs: int) -> np.ndarray:
+    """Per-epoch teacher temperature: linear warm-up, then constant (official)."""
+    return np.concatenate((
+        np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+        np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp,
+    ))
+
+
+class DINOLoss(nn.Module):
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, impl: str = "auto"):
+        super().__init__()
+        self.out_dim = out_dim
+        self.ncrops = ncrops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.impl = impl
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = teacher_temperature_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+
+    def teacher_temp(self, epoch: int) -> float:
+        return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        """student_output [ncrops*B, K], teacher_output [n_teacher*B, K] -> loss; updates `center`."""
+        if student_output.shape[0] % self.ncrops:
+            raise ValueError(f"DINOLoss: {student_output.shape[0]} student rows do not split into {self.ncrops} crops")
+        impl = resolve_impl("DINOLoss", self.impl, student_output.device, logger)
+        loss_fn = dino_loss_triton if impl == "triton" else dino_loss_reference
+        loss, teacher_sum = loss_fn(student_output, teacher_output, self.center.view(-1),
+                                    self.student_temp, self.teacher_temp(epoch))
+        self.update_center(teacher_sum, teacher_output.shape[0])
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_sum: torch.Tensor, teacher_rows: int) -> None:
+        """centre <- m * centre + (1 - m) * mean of the teacher logits over every rank's rows."""
+        world_size = 1
+        if dist.is_available() and dist.is_initialized():
+            teacher_sum = teacher_sum.clone()
+            dist.all_reduce(teacher_sum)
+            world_size = dist.get_world_size()
+        batch_center = teacher_sum.view(1, -1).float() / (teacher_rows * world_size)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

@@ -1,0 +1,111 @@
+"""Student and teacher networks, and the optimizer parameter groups.
+
+The backbone (fastdino.models) knows nothing of DINO: this module wraps it with a
+DINOHead, runs multi-crop lists through it, builds the EMA teacher and decides
+which parameters get weight decay.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastdino import models
+
+
+class MultiCropWrapper(nn.Module):
+    """backbone + head over a list of crops (official layout: `backbone.*`, `head.*`).
+
+    Consecutive crops of the same resolution share one backbone forward; the head
+    runs once over every CLS embedding.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor, return_backbone: bool = False):
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        sizes = torch.tensor([c.shape[-1] for c in crops])
+        group_ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
+        features, start = [], 0
+        for end in group_ends:
+            features.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        features = torch.cat(features)
+        logits = self.head(features)
+        return (logits, features) if return_backbone else logits
+
+
+def build_backbone(model_cfg, drop_path_rate: float | None = None) -> nn.Module:
+    factory = getattr(models, model_cfg.arch)
+    rate = model_cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
+    return factory(patch_size=model_cfg.patch_size, img_size=[model_cfg.img_size], depth=model_cfg.depth,
+                   drop_path_rate=rate, attn_backend=model_cfg.attn_backend)
+
+
+@dataclass
+class StudentTeacher:
+    student: MultiCropWrapper
+    teacher: MultiCropWrapper
+
+
+def build_student_teacher(model_cfg) -> StudentTeacher:
+    """Student with drop path; teacher without, starting from the student's weights, frozen."""
+    def make(drop_path_rate: float) -> MultiCropWrapper:
+        backbone = build_backbone(model_cfg, drop_path_rate)
+        head = models.DINOHead(backbone.embed_dim, model_cfg.out_dim, use_bn=model_cfg.use_bn_in_head,
+                               norm_last_layer=model_cfg.norm_last_layer, nlayers=model_cfg.head_nlayers,
+                               hidden_dim=model_cfg.head_hidden_dim, bottleneck_dim=model_cfg.head_bottleneck_dim)
+        return MultiCropWrapper(backbone, head)
+
+    student = make(model_cfg.drop_path_rate)
+    teacher = make(0.0)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return StudentTeacher(student, teacher)
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Official split: biases and 1-D parameters (norms, gains) get no weight decay.
+
+    Group 0 is the regularised one: the training loop puts the weight-decay
+    schedule on it and keeps group 1 at zero.
+    """
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim <= 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_gradients_per_parameter(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Official DINO clipping: each parameter's gradient is scaled to norm <= max_norm on
+    its own (not the global norm). Returns the per-parameter norms before clipping,
+    without a host sync."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads, 2.0))
+    scales = (max_norm / (norms.float() + 1e-6)).clamp(max=1.0)
+    for grad, scale in zip(grads, scales.unbind()):
+        grad.mul_(scale.to(grad.dtype))
+    return norms
+
+
+def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
+    """The head's last layer gets no update during the first `freeze_last_layer` epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, param in model.named_parameters():
+        if "last_layer" in name:
+            param.grad = None

@@ -1,0 +1,124 @@
+"""Tiny end-to-end runs on real digits: logging, checkpoints, exact resume, failures."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastdino.config import load_config
+from fastdino.ssl.loss import DINOLoss
+from fastdino.train.checkpoint import CheckpointError, list_checkpoints, load_backbone, load_checkpoint
+from fastdino.train.trainer import NonFiniteLossError, Trainer
+
+TINY = ["device=cpu", "progress=false", "log_every=1", "model.arch=vit_tiny", "model.depth=1", "model.patch_size=4",
+        "model.img_size=16", "model.out_dim=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+        "model.drop_path_rate=0.1", "data.batch_size=16", "data.n_local_crops=2", "data.global_size=16",
+        "data.local_size=8", "data.num_workers=1", "optim.epochs=2", "optim.warmup_epochs=0.1", "eval.eval_size=16"]
+
+
+def tiny_config(tmp_path, train_beton, *extra):
+    return load_config(None, [*TINY, f"output_dir={tmp_path}", f"data.path={train_beton}", *extra])
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_train_logs_checkpoints_and_knn(tmp_path, digits_betons):
+    train, val = digits_betons
+    cfg = tiny_config(tmp_path, train, "max_steps=4", "checkpoint_every=2", "keep_checkpoints=1",
+                      f"eval.knn_train_path={train}", f"eval.knn_val_path={val}")
+    summary = Trainer(cfg).train()
+    records = [r for r in read_log(tmp_path) if r.get("kind") != "eval"]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for field in ("step", "epoch", "loss", "lr", "wd", "momentum", "teacher_temp", "img_per_s",
+                  "teacher_entropy", "student_entropy", "log_k", "teacher_top_prob", "feature_std"):
+        assert field in records[0], field
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert records[0]["lr"] == 0.0 and records[1]["lr"] > 0  # warm-up starts at zero
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "run.json").exists()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004.pt"]
+    assert len(summary["knn"]) == 2 and 0 <= summary["final_knn"]["knn_top1"] <= 100
+    state = load_checkpoint(tmp_path / "checkpoints" / "step_00000004.pt")  # weights_only=True inside
+    assert state["step"] == 4 and "center" in state["dino_loss"]
+    backbone, _ = load_backbone(tmp_path / "checkpoints" / "step_00000004.pt")
+    assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 192)
+
+
+def test_resume_continues_exactly(tmp_path, digits_betons):
+    train, _ = digits_betons
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    Trainer(tiny_config(full_dir, train, "max_steps=5", "checkpoint_every=100")).train()
+    Trainer(tiny_config(cut_dir, train, "max_steps=3", "checkpoint_every=100")).train()
+    Trainer(tiny_config(cut_dir, train, "max_steps=5", "checkpoint_every=100"), resume="auto").train()
+    full = {r["step"]: r["loss"] for r in read_log(full_dir)}
+    resumed = {r["step"]: r["loss"] for r in read_log(cut_dir)}
+    assert sorted(resumed) == [0, 1, 2, 3, 4]
+    for step in range(5):
+        assert resumed[step] == full[step], step
+    a = torch.load(full_dir / "checkpoints" / "step_00000005.pt", weights_only=True)
+    b = torch.load(cut_dir / "checkpoints" / "step_00000005.pt", weights_only=True)
+    for key in a["teacher"]:
+        assert torch.equal(a["teacher"][key], b["teacher"][key]), key
+
+
+def test_nonfinite_loss_names_the_step(tmp_path, digits_betons, monkeypatch):
+    train, _ = digits_betons
+    original = DINOLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, student, teacher, epoch):
+        calls["n"] += 1
+        loss = original(self, student, teacher, epoch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(DINOLoss, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        Trainer(tiny_config(tmp_path / "err", train, "max_steps=4")).train()
+    calls["n"] = 0
+    summary = Trainer(tiny_config(tmp_path / "skip", train, "max_steps=4", "on_nonfinite_loss=skip")).train()
+    assert summary["steps"] == 4
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(1)}, bad)
+    with pytest.raises(CheckpointError, match="not a fastdino"):
+        load_checkpoint(bad)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastdino", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["demo"], ["data", "convert"], ["eval", "knn"],
+                                     ["viz", "attention"]])
+def test_every_command_has_help(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--config", "nope.yaml"], "config file not found"),
+    (["train", "data.path=/nonexistent/x.beton"], "/nonexistent/x.beton"),
+    (["train", "data.path=x", "optim.lr=fast"], "optim.lr"),
+    (["eval", "knn", "missing.pt", "--train", "a", "--val", "b"], "checkpoint not found"),
+])
+def test_cli_errors_are_one_line(args, expected):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("fastdino: error")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+
+
+def test_cli_train_runs(tmp_path, digits_betons):
+    train, _ = digits_betons
+    result = run_cli("train", *TINY, f"output_dir={tmp_path}", f"data.path={train}", "max_steps=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 2
