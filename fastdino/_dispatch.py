@@ -8,28 +8,29 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 
 import torch
 
 _logged: set[tuple[str, str, str]] = set()
 
 
-def triton_runnable(device: torch.device) -> tuple[bool, str]:
+def triton_runnable(kernel, device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton `kernel` runs on `device` tensors here, and why."""
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
-    if device.type == "cuda":
-        return True, "CUDA tensors and triton installed"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True, "TRITON_INTERPRET=1 runs Triton kernels on the CPU"
-    return False, f"tensors are on {device.type} and Triton compiles only for GPUs (set TRITON_INTERPRET=1 to interpret it)"
+    from fastdino_kernels import use_triton
+
+    if use_triton(kernel, device):
+        return True, ("CUDA tensors" if device.type == "cuda" else "TRITON_INTERPRET=1 interprets Triton on the CPU")
+    return False, (f"tensors are on {device.type} and Triton compiles only for GPUs "
+                   "(TRITON_INTERPRET=1, set before triton is imported, interprets it on the CPU)")
 
 
-def resolve_impl(op: str, impl: str, device: torch.device, logger: logging.Logger) -> str:
-    """Returns 'triton' or 'torch' for `op` on `device`."""
+def resolve_impl(op: str, impl: str, kernel, device: torch.device, logger: logging.Logger) -> str:
+    """Returns 'triton' or 'torch' for `op` (whose Triton kernel is `kernel`) on `device`."""
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"{op}: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
-    runnable, why = triton_runnable(device)
+    runnable, why = triton_runnable(kernel, device)
     if impl == "triton" and not runnable:
         raise RuntimeError(f"{op}: impl='triton' cannot run here: {why}")
     chosen = "triton" if impl == "triton" or (impl == "auto" and runnable) else "torch"

@@ -33,26 +33,103 @@ def _convert(args) -> int:
     return 0
 
 
-def _eval_knn(args) -> int:
+def _eval_device(args):
     import torch
 
-    from fastdino.data import eval_loader
-    from fastdino.eval.knn import extract_features, knn_classify
-    from fastdino.train.checkpoint import load_backbone
+    return torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
 
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    backbone, cfg = load_backbone(args.checkpoint, args.which)
-    backbone.to(device)
-    size = args.size or cfg.eval.eval_size
+
+def _eval_backbone(args, device):
+    """(backbone on `device`, its arch, the image size to evaluate at) from any weights file that
+    fastdino.eval.export reads: the run's eval size for training checkpoints, else the model's img_size."""
+    from fastdino.eval.export import build_backbone_for, read_weights
+
+    weights = read_weights(args.checkpoint, args.which)
+    backbone = build_backbone_for(weights, args.checkpoint, args.arch, args.patch_size).to(device)
+    size = args.size or weights.eval_size or backbone.patch_embed.img_size
+    return backbone, args.arch or weights.arch, size
+
+
+def _eval_knn(args) -> int:
+    from fastdino.data import eval_loader
+    from fastdino.eval.knn import drop_high_variance_dimensions, extract_features, knn_classify
+
+    device = _eval_device(args)
+    backbone, _, size = _eval_backbone(args, device)
     train = extract_features(backbone, eval_loader(args.train, args.batch_size, size=size, device=str(device)), device)
     val = extract_features(backbone, eval_loader(args.val, args.batch_size, size=size, device=str(device)), device)
+    train_features, val_features = train[0], val[0]
+    if args.drop_high_variance:
+        train_features, val_features = drop_high_variance_dimensions(train_features, val_features,
+                                                                     args.drop_high_variance)
     results = {}
     for k in args.k:
-        results[f"k={k}"] = knn_classify(train[0], train[1], val[0], val[1], k=k, temperature=args.temperature)
+        results[f"k={k}"] = knn_classify(train_features, train[1], val_features, val[1], k=k,
+                                         temperature=args.temperature)
         print(f"{args.which} k-NN k={k:<4d} top-1 {results[f'k={k}']['top1']:.2f}%")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def _eval_linear(args) -> int:
+    from tqdm import tqdm
+
+    from fastdino.data import eval_loader
+    from fastdino.eval.linear import extract_probe_features, linear_probe, probe_defaults
+
+    device = _eval_device(args)
+    backbone, arch, size = _eval_backbone(args, device)
+    default_blocks, default_avgpool = probe_defaults(arch)
+    n_last_blocks = min(args.n_last_blocks or default_blocks, len(backbone.blocks))
+    avgpool = default_avgpool if args.avgpool is None else args.avgpool
+
+    def features(beton: str, name: str):
+        loader = eval_loader(beton, args.batch_size, size=size, device=str(device))
+        batches = tqdm(loader, desc=f"{name} features", dynamic_ncols=True, leave=False)
+        return extract_probe_features(backbone, batches, device, n_last_blocks, avgpool)
+
+    train, val = features(args.train, "train"), features(args.val, "val")
+    results = linear_probe(*train, *val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                           seed=args.seed, progress=True)
+    results.update(which=args.which, n_last_blocks=n_last_blocks, avgpool=avgpool, epochs=args.epochs,
+                   lr=args.lr, batch_size=args.batch_size, size=size)
+    top5 = f", top-5 {results['top5']:.2f}%" if "top5" in results else ""
+    print(f"{args.which} linear probe ({n_last_blocks} block{'s' if n_last_blocks > 1 else ''}"
+          f"{' + avgpool' if avgpool else ''}, {results['feature_dim']}-d): top-1 {results['top1']:.2f}%{top5} "
+          f"(train top-1 {results['train_top1']:.2f}%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _plot(args) -> int:
+    from fastdino.eval.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _export(args) -> int:
+    from fastdino.eval.export import export_weights
+
+    summary = export_weights(args.checkpoint, args.out, args.format, which=args.which, with_head=args.with_head,
+                             arch=args.arch, patch_size=args.patch_size)
+    step = f" of step {summary['source_step']}" if summary["source_step"] is not None else ""
+    print(f"wrote {summary['out']}: {args.format} layout, {summary['which']} {summary['arch']}/"
+          f"{summary['patch_size']}{step}, {summary['tensors']} tensors{' with the DINO head' if summary['with_head'] else ''}")
+    return 0
+
+
+def _add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    """CHECKPOINT and how to read it, for the commands that take any backbone weights file."""
+    parser.add_argument("checkpoint", help="fastdino training checkpoint (.pt), official DINO weights (backbone-only "
+                                           "or full checkpoint), timm-layout or safetensors file")
+    parser.add_argument("--which", choices=["teacher", "student"], default="teacher",
+                        help="network of a training checkpoint (default teacher)")
+    parser.add_argument("--arch", choices=["vit_tiny", "vit_small", "vit_base"],
+                        help="architecture of files that do not record it (official, timm)")
+    parser.add_argument("--patch-size", type=int, help="patch size of files that do not record it (official, timm)")
 
 
 def _viz_attention(args) -> int:
@@ -108,17 +185,67 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate features").add_subparsers(dest="eval_command", required=True,
                                                                                    metavar="SUBCOMMAND")
     knn = evaluate.add_parser("knn", help="weighted k-NN on frozen backbone features (official eval_knn)")
-    knn.add_argument("checkpoint", help="training checkpoint (.pt)")
+    _add_weights_arguments(knn)
     knn.add_argument("--train", required=True, help="labelled .beton for the memory bank")
     knn.add_argument("--val", required=True, help="labelled .beton to classify")
     knn.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (default 10 20 100 200)")
     knn.add_argument("--temperature", type=float, default=0.07)
-    knn.add_argument("--which", choices=["teacher", "student"], default="teacher")
-    knn.add_argument("--size", type=int, default=0, help="evaluation image size (default: the run's eval.eval_size)")
+    knn.add_argument("--drop-high-variance", type=int, default=0, metavar="N",
+                     help="drop the N feature dimensions of highest variance over the train set before the "
+                          "search (default 0: keep all)")
+    knn.add_argument("--size", type=int, default=0,
+                     help="evaluation image size (default: the run's eval.eval_size, else the model's img_size)")
     knn.add_argument("--batch-size", type=int, default=128)
     knn.add_argument("--device", choices=["auto", "cpu"], default="auto")
     knn.add_argument("--json", help="also write the results to this JSON file")
     knn.set_defaults(func=_eval_knn)
+
+    linear = evaluate.add_parser(
+        "linear", help="linear probe on frozen backbone features (official eval_linear)",
+        description="Official recipe on features extracted once and cached: CLS tokens of the last N blocks "
+                    "(+ mean patch token with --avgpool) -> Linear, SGD momentum 0.9, no weight decay, "
+                    "lr = LR * batch / 256 with a cosine decay. Unlike official, no RandomResizedCrop/flip "
+                    "augmentation while training the probe (centre crops only, for speed), and the last "
+                    "epoch's accuracy is reported, not the best.")
+    _add_weights_arguments(linear)
+    linear.add_argument("--train", required=True, help="labelled .beton to train the probe on")
+    linear.add_argument("--val", required=True, help="labelled .beton to score")
+    linear.add_argument("--epochs", type=int, default=100, help="probe epochs over the cached features (default 100)")
+    linear.add_argument("--lr", type=float, default=0.1,
+                        help="lr per 256 images (default 0.1; the official 0.001 is tuned for ImageNet's >100k "
+                             "steps and underfits small sets)")
+    linear.add_argument("--batch-size", type=int, default=256, help="probe and feature-extraction batch (default 256)")
+    linear.add_argument("--n-last-blocks", type=int, default=0,
+                        help="concatenate the CLS tokens of this many last blocks (default: 4 for vit_tiny/small, "
+                             "1 for vit_base)")
+    linear.add_argument("--avgpool", action=argparse.BooleanOptionalAction, default=None,
+                        help="also append the last block's mean patch token (default: on for vit_base only)")
+    linear.add_argument("--seed", type=int, default=0, help="seeds the probe's init and sample order")
+    linear.add_argument("--size", type=int, default=0,
+                        help="evaluation image size (default: the run's eval.eval_size, else the model's img_size)")
+    linear.add_argument("--device", choices=["auto", "cpu"], default="auto")
+    linear.add_argument("--json", help="also write the results to this JSON file")
+    linear.set_defaults(func=_eval_linear)
+
+    plot = commands.add_parser("plot", help="draw a run's training curves from its log.jsonl as one PNG",
+                               description="Loss (with ln K), lr, weight decay, EMA momentum, teacher temperature, "
+                                           "img/s, teacher/student entropy vs ln K and k-NN accuracy over steps.")
+    plot.add_argument("run_dir", help="run folder (holds log.jsonl)")
+    plot.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    plot.set_defaults(func=_plot)
+
+    export = commands.add_parser(
+        "export", help="write a backbone as official DINO, timm or safetensors weights",
+        description="official: the plain VisionTransformer state_dict of the released dino_*_pretrain.pth files "
+                    "(with --with-head: {WHICH: {backbone.*, head.*}}); timm: the same names, loadable with "
+                    "timm.create_model(..., num_classes=0); safetensors: with arch, patch_size, embed_dim, depth, "
+                    "img_size and source step in its metadata.")
+    _add_weights_arguments(export)
+    export.add_argument("--format", required=True, choices=["official", "timm", "safetensors"])
+    export.add_argument("--out", required=True, help="output file (written to a temporary name, then renamed)")
+    export.add_argument("--with-head", action="store_true",
+                        help="also write the DINO projection head (official and safetensors only)")
+    export.set_defaults(func=_export)
 
     viz = commands.add_parser("viz", help="pictures").add_subparsers(dest="viz_command", required=True,
                                                                      metavar="SUBCOMMAND")

@@ -11,15 +11,14 @@ from __future__ import annotations
 H100_BF16_FLOPS = 800e12
 
 ARCH_WIDTH = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
-ARCH_DEPTH = 12
 
 
-def vit_forward_flops(arch: str, patch_size: int, image_size: int, out_dim: int,
+def vit_forward_flops(arch: str, patch_size: int, image_size: int, out_dim: int, depth: int = 12,
                       head_hidden_dim: int = 2048, head_bottleneck_dim: int = 256, head_nlayers: int = 3) -> float:
     width = ARCH_WIDTH[arch]
     patches = (image_size // patch_size) ** 2
     tokens = patches + 1
-    blocks = ARCH_DEPTH * (24 * tokens * width**2 + 4 * tokens**2 * width)
+    blocks = depth * (24 * tokens * width**2 + 4 * tokens**2 * width)
     patch_embed = 2 * patches * 3 * patch_size**2 * width
     dims = [width] + [head_hidden_dim] * (head_nlayers - 1) + [head_bottleneck_dim]
     head = 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:])) + 2 * head_bottleneck_dim * out_dim
@@ -38,7 +37,7 @@ def dino_flops_per_image(arch: str, patch_size: int, global_size: int, local_siz
 def flops_per_image_from_config(cfg) -> float:
     m, d = cfg.model, cfg.data
     return dino_flops_per_image(m.arch, m.patch_size, d.global_size, d.local_size, d.n_local_crops, m.out_dim,
-                                head_hidden_dim=m.head_hidden_dim, head_bottleneck_dim=m.head_bottleneck_dim,
+                                depth=m.depth, head_hidden_dim=m.head_hidden_dim, head_bottleneck_dim=m.head_bottleneck_dim,
                                 head_nlayers=m.head_nlayers)
 
 

@@ -83,3 +83,18 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         if num_classes >= 5:
             results[kk]["top5"] = 100.0 * top5[kk] / total
     return results if ks is not None else results[k]
+
+
+def drop_high_variance_dimensions(train_features: torch.Tensor, test_features: torch.Tensor,
+                                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Removes the `n` feature dimensions that vary most over the training set, from both sets,
+    then L2-normalises again.
+
+    ViT features often carry a few outlier dimensions with far more variance than the rest;
+    they then dominate every cosine similarity, and dropping them can make k-NN neighbours
+    reflect the remaining, more semantic dimensions.
+    """
+    if not 0 <= n < train_features.shape[1]:
+        raise ValueError(f"cannot drop {n} of {train_features.shape[1]} feature dimensions")
+    keep = train_features.var(dim=0).argsort(descending=True)[n:].sort().values
+    return F.normalize(train_features[:, keep], dim=1), F.normalize(test_features[:, keep], dim=1)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastdino._dispatch import resolve_impl
-from fastdino_kernels.ema import ema_update_tensors_, ema_update_tensors_reference_
+from fastdino_kernels import ema as ema_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,6 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float, impl: s
         return
     teacher_tensors = [teacher_params[n].data for n in names]
     student_tensors = [student_params[n].data for n in names]
-    chosen = resolve_impl("ema_update_", impl, teacher_tensors[0].device, logger)
-    update = ema_update_tensors_ if chosen == "triton" else ema_update_tensors_reference_
+    chosen = resolve_impl("ema_update_", impl, ema_kernels._ema_kernel, teacher_tensors[0].device, logger)
+    update = ema_kernels.ema_update_tensors_ if chosen == "triton" else ema_kernels.ema_update_tensors_reference_
     update(teacher_tensors, student_tensors, float(momentum))

@@ -16,8 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastdino._dispatch import resolve_impl
-from fastdino_kernels.dino_loss import dino_loss as dino_loss_triton
-from fastdino_kernels.dino_loss import dino_loss_reference
+from fastdino_kernels import dino_loss as dino_loss_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +51,9 @@ class DINOLoss(nn.Module):
         """student_output [ncrops*B, K], teacher_output [n_teacher*B, K] -> loss; updates `center`."""
         if student_output.shape[0] % self.ncrops:
             raise ValueError(f"DINOLoss: {student_output.shape[0]} student rows do not split into {self.ncrops} crops")
-        impl = resolve_impl("DINOLoss", self.impl, student_output.device, logger)
-        loss_fn = dino_loss_triton if impl == "triton" else dino_loss_reference
+        impl = resolve_impl("DINOLoss", self.impl, dino_loss_kernels._dino_loss_fwd_kernel, student_output.device,
+                            logger)
+        loss_fn = dino_loss_kernels.dino_loss if impl == "triton" else dino_loss_kernels.dino_loss_reference
         loss, teacher_sum = loss_fn(student_output, teacher_output, self.center.view(-1),
                                     self.student_temp, self.teacher_temp(epoch))
         self.update_center(teacher_sum, teacher_output.shape[0])

@@ -202,7 +202,7 @@ class Trainer:
                     self.start_step, self.total_steps, self.schedules.total_steps, self.steps_per_epoch,
                     self.device, self.flops_per_image / 1e9)
         if self.knn_enabled() and not self.knn_history:
-            self.evaluate_knn(step=0)
+            self._log_knn(log_path, self.evaluate_knn(step=0), epoch=0)
         previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         progress = tqdm(total=self.total_steps, initial=self.start_step, disable=not cfg.progress,
                         dynamic_ncols=True, desc="train")
@@ -246,7 +246,7 @@ class Trainer:
                     warnings = collapse_warnings(stats, cfg.monitor)
                     model_mfu = metrics.mfu(img_per_s, self.flops_per_image, self.peak_flops)
                     last_record = {
-                        "step": step, "epoch": epoch, "loss": float(loss), "lr": values["lr"], "wd": values["wd"],
+                        "step": step, "epoch": epoch, "loss": loss.item(), "lr": values["lr"], "wd": values["wd"],
                         "momentum": values["momentum"], "teacher_temp": values["teacher_temp"],
                         "img_per_s": img_per_s, "gflops_per_s": img_per_s * self.flops_per_image / 1e9,
                         "mfu": model_mfu, "data_wait_fraction": data_wait / max(elapsed, 1e-9),

@@ -1,0 +1,170 @@
+"""Image folder -> FFCV .beton (JPEG `image` + int `label`), with a report of what was skipped.
+
+Layout as torchvision's ImageFolder: class sub-folders (sorted names) give labels
+0..C-1, recursively; a folder of loose images gives label -1. Hidden files and
+folders are ignored. Each file is read twice: a first pass (threads; PIL decodes
+without the GIL) finds what can't be used and why, so that FFCV's writer, which
+must know the sample count up front and hangs if a worker dies, only ever sees
+images that load.
+"""
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from ffcv.fields import IntField, RGBImageField
+from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from fastdino.data.decode import IMAGE_FIELD, LABEL_FIELD
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_RESOLUTION = 512
+DEFAULT_JPEG_QUALITY = 90
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+class DataError(ValueError):
+    """A data problem, reported to the user as one line."""
+
+
+def find_images(src):
+    """(files as [(path, label)], class names, skipped [{path, reason}]) of an image folder."""
+    def visible_files(folder, pattern):
+        return sorted(p for p in folder.glob(pattern)
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+    entries = visible_files(src, "*")
+    class_dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        return [(p, -1) for p in entries], [], []
+    files = [(p, label) for label, class_dir in enumerate(class_dirs) for p in visible_files(class_dir, "**/*")]
+    loose = [{"path": str(p), "reason": "outside the class folders"} for p in entries]
+    return files, [d.name for d in class_dirs], loose
+
+
+def load_rgb(path, max_resolution):
+    """uint8 [H, W, 3] of an image file: EXIF orientation applied, longer side at most max_resolution."""
+    with Image.open(path) as image:
+        # JPEG: let libjpeg decode at 1/2..1/8 scale where that still leaves both sides >= max_resolution
+        image.draft("RGB", (max_resolution, max_resolution))
+        image = ImageOps.exif_transpose(image)
+        if image.mode in SIXTEEN_BIT_MODES:  # PIL's own convert would clip at 255 rather than scale
+            image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+        image = image.convert("RGB")
+    if max(image.size) > max_resolution:
+        scale = max_resolution / max(image.size)
+        new_size = tuple(max(1, round(side * scale)) for side in image.size)
+        image = image.resize(new_size, Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+def unusable_reason(path, max_resolution):
+    """Why the image file can't be converted, or None when it can."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        load_rgb(path, max_resolution)
+    except UnidentifiedImageError:
+        return "not an image (format not recognised)"
+    except Image.DecompressionBombError as error:
+        return f"decompression bomb: {error}"
+    except Exception as error:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError...)
+        return f"unreadable (corrupt or truncated?): {type(error).__name__}: {error}"
+    return None
+
+
+class _CheckedImages:
+    """What FFCV's writer workers index: (image, label) per checked file.
+
+    A file that stopped loading since the check (changed on disk) becomes a 1-pixel
+    placeholder plus a flag in shared memory, since a worker that raised would hang
+    the writer; the conversion then fails as a whole.
+    """
+
+    def __init__(self, files, max_resolution):
+        self.files, self.max_resolution = files, max_resolution
+        self.failed = multiprocessing.RawArray("b", len(files))
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path, label = self.files[index]
+        try:
+            return load_rgb(path, self.max_resolution), label
+        except Exception:
+            self.failed[index] = 1
+            return np.zeros((1, 1, 3), np.uint8), label
+
+
+def _page_size(max_resolution):
+    """FFCV's storage page: a power of two >= 2 MiB that holds the largest JPEG (< 2x the raw pixels)."""
+    return max(MIN_PAGE_SIZE, 1 << (6 * max_resolution ** 2 - 1).bit_length())
+
+
+def _write_json_atomically(path, content):
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(content, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def convert_folder(src, out_path, *, max_resolution=DEFAULT_MAX_RESOLUTION, jpeg_quality=DEFAULT_JPEG_QUALITY,
+                   num_workers=None, progress=True):
+    """Converts an image folder into the .beton `out_path`, and writes `out_path + '.report.json'`.
+
+    Unusable files (corrupt, truncated, empty, not images, decompression bombs) are
+    skipped with a reason. The .beton appears only once complete (written to a
+    temporary file beside it, then renamed). Returns the report:
+    {"written": int, "skipped": [{"path", "reason"}], "classes": [names]}.
+    Raises DataError when src is not a folder or no image in it can be converted.
+    """
+    src, out_path = Path(src), Path(out_path)
+    if not src.is_dir():
+        raise DataError(f"no such image folder: {src}")
+    if not 1 <= jpeg_quality <= 100 or max_resolution < 1:
+        raise DataError(f"need 1 <= jpeg_quality <= 100 and max_resolution >= 1, got {jpeg_quality}, {max_resolution}")
+    num_workers = num_workers or os.cpu_count() or 1
+
+    files, classes, skipped = find_images(src)
+    with ThreadPoolExecutor(num_workers) as pool:
+        reasons = list(tqdm(pool.map(partial(unusable_reason, max_resolution=max_resolution), [p for p, _ in files]),
+                            total=len(files), desc="checking images", unit="img", disable=not progress))
+    skipped += [{"path": str(path), "reason": reason} for (path, _), reason in zip(files, reasons) if reason]
+    usable = [item for item, reason in zip(files, reasons) if not reason]
+    for entry in skipped:
+        logger.warning("skipping %s: %s", entry["path"], entry["reason"])
+    if not usable:
+        example = f" (e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+        raise DataError(f"no image in {src} could be converted: {len(skipped)} files skipped{example}")
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
+    try:
+        images = _CheckedImages(usable, max_resolution)
+        fields = {IMAGE_FIELD: RGBImageField(write_mode="jpg", jpeg_quality=jpeg_quality), LABEL_FIELD: IntField()}
+        writer = DatasetWriter(str(tmp), fields, page_size=_page_size(max_resolution),
+                               num_workers=min(num_workers, len(usable)))
+        # FFCV's writer always draws its own progress bar (on stderr)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(sys.stderr if progress else devnull):
+            writer.from_indexed_dataset(images, chunksize=max(1, min(100, len(usable) // (4 * num_workers))))
+        changed = [str(usable[i][0]) for i, failed in enumerate(images.failed) if failed]
+        if changed:
+            raise DataError(f"{len(changed)} files stopped loading during the conversion (e.g. {changed[0]}); "
+                            "run it again")
+        report = {"written": len(usable), "skipped": skipped, "classes": classes}
+        _write_json_atomically(out_path.with_name(out_path.name + ".report.json"), report)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote %s: %d images, %d classes, %d skipped", out_path, len(usable), len(classes), len(skipped))
+    return report
+

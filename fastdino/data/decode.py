@@ -1,0 +1,148 @@
+"""Decode stage: the JPEGs of a .beton -> padded uint8 canvases, in an order we choose.
+
+FFCV's stock image decoders need one image size, or crop each image once with
+their own unseeded RNG. `CanvasDecoder` instead decodes every image whole, with
+FFCV's libjpeg-turbo binding, into the top-left corner of a `[max_h, max_w, 3]`
+canvas (max over the whole file). Each image's true size is in the .beton's
+metadata, as are the labels, so `BetonImages` looks both up by sample index: it
+runs FFCV's pipeline over the sample order it is given and knows which samples
+each batch holds. Augmentation is a separate stage (multicrop.py), so a GPU
+decoder can later yield the same (canvas, sizes, labels) batches.
+"""
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.rgb_image import IMAGE_MODES
+from ffcv.libffcv import imdecode
+from ffcv.loader import Loader
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.reader import Reader
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FIELD = "image"
+LABEL_FIELD = "label"
+
+# One numba dispatcher per process, called with a 3-D destination: FFCV flips the
+# shared numba type of 1-D uint8 arrays to read-only whenever it builds a loader,
+# which changes the hash of dispatcher signatures that contain that type (KeyErrors
+# in numba, or a silently dead decode thread).
+decode_jpeg = Compiler.compile(imdecode)
+
+
+class CanvasDecoder(Operation):
+    """FFCV decoder: each image of a batch into the top-left of its own [max_h, max_w, 3] uint8 canvas.
+
+    Pixels outside an image's own (height, width) are left as they were (stale data).
+    """
+
+    def declare_state_and_memory(self, previous_state):
+        shape = (int(self.metadata["height"].max()), int(self.metadata["width"].max()), 3)
+        dtype = np.dtype("u1")
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), AllocationQuery(shape, dtype)
+
+    def generate_code(self):
+        read_sample = self.memory_read
+        sample_range = Compiler.get_iterator()
+        jpeg_mode = IMAGE_MODES["jpg"]
+
+        def decode(batch_indices, canvases, metadata, storage_state):
+            canvas_row = np.int64(canvases.shape[2]) * 3
+            for slot in sample_range(len(batch_indices)):
+                sample = metadata[batch_indices[slot]]
+                data = read_sample(sample["data_ptr"], storage_state)
+                height, width = np.int64(sample["height"]), np.int64(sample["width"])
+                image_row = width * 3
+                # libjpeg-turbo writes packed rows (it takes no row stride), so decode
+                # packed at the start of the canvas, then move rows to their canvas
+                # offsets, last row first: a row's destination never lies below its
+                # source, so nothing is overwritten before it has been moved.
+                if sample["mode"] == jpeg_mode:
+                    decode_jpeg(data, canvases[slot], height, width, height, width, 0, 0, 1, 1, False, False)
+                else:  # stored raw
+                    canvases[slot].reshape(-1)[: height * image_row] = data[: height * image_row]
+                if image_row < canvas_row:
+                    flat = canvases[slot].reshape(-1)
+                    for y in range(height - 1, 0, -1):
+                        for x in range(image_row - 1, -1, -1):
+                            flat[y * canvas_row + x] = flat[y * image_row + x]
+            return canvases[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class BetonImages:
+    """The images and labels of a .beton, decoded in batches of any sample order.
+
+    Expects FFCV fields `image` (RGBImageField) and `label` (IntField), as
+    `convert_folder` writes them; other fields are ignored.
+    """
+
+    def __init__(self, path, batch_size, num_workers=2):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such .beton file: {path}")
+        reader = Reader(str(path))
+        fields = reader.handlers
+        if not isinstance(fields.get(IMAGE_FIELD), RGBImageField) or not isinstance(fields.get(LABEL_FIELD), IntField):
+            raise ValueError(f"{path} needs an RGBImageField '{IMAGE_FIELD}' and an IntField '{LABEL_FIELD}'; "
+                             f"it has {', '.join(f'{n} ({type(f).__name__})' for n, f in fields.items())}")
+        pipelines = {name: None for name in fields}  # labels and sizes come from the metadata, no decoding needed
+        pipelines[IMAGE_FIELD] = PipelineSpec(IMAGE_FIELD, decoder=CanvasDecoder())
+        self.batch_size = batch_size
+        # FFCV sets torch's (process-wide) thread count to num_workers when it builds a
+        # loader and whenever its thread starts an epoch; we put the caller's back each time.
+        torch_threads = torch.get_num_threads()
+        # seed only so FFCV leaves numpy's global RNG alone; the order is ours
+        self.ffcv_loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, seed=0,
+                                  pipelines=pipelines)
+        torch.set_num_threads(torch_threads)
+        metadata = reader.metadata
+        image_meta = metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]
+        self.heights = image_meta["height"].astype(np.int64)
+        self.widths = image_meta["width"].astype(np.int64)
+        self.labels = metadata[f"f{reader.field_names.index(LABEL_FIELD)}"].astype(np.int64)
+        self.num_images = int(reader.num_samples)
+        logger.info("%s: %d images, canvas %dx%d", path, self.num_images, self.heights.max(initial=0),
+                    self.widths.max(initial=0))
+
+    def batches(self, order):
+        """Yields (canvases uint8 [b, max_h, max_w, 3], sizes long [b, 2] as (h, w), labels long [b])
+        for consecutive batch_size chunks of the sample indices `order` (the last may be short).
+
+        The canvases are FFCV's buffers: use them before asking for the next batch.
+        """
+        order = np.asarray(order, dtype=np.uint64)
+        if len(order) == 0:
+            return
+        torch_threads = torch.get_num_threads()
+        decoded = EpochIterator(self.ffcv_loader, order)  # FFCV's prefetching thread, fed our order
+        try:
+            for start in range(0, len(order), self.batch_size):
+                _wait_for_batch(decoded)
+                if start == 0:  # FFCV's thread set torch's thread count before making this batch
+                    torch.set_num_threads(torch_threads)
+                (canvases,) = next(decoded)
+                indices = order[start: start + self.batch_size].astype(np.int64)
+                sizes = np.stack([self.heights[indices], self.widths[indices]], axis=1)
+                yield torch.from_numpy(canvases), torch.from_numpy(sizes), torch.from_numpy(self.labels[indices])
+        finally:
+            decoded.close()
+
+
+def _wait_for_batch(decoded):
+    """Waits for FFCV's next batch; FFCV itself would wait forever if its thread had died."""
+    while decoded.output_queue.empty():
+        if not decoded.is_alive():
+            raise RuntimeError("FFCV's decoding thread died (its traceback is above)")
+        time.sleep(0.001)

@@ -1,0 +1,191 @@
+"""Backbone export to the official / timm / safetensors layouts and import from every supported file."""
+import argparse
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+from fastdino.cli import main
+from fastdino.config import load_config
+from fastdino.eval.export import export_weights, load_pretrained_backbone, read_weights
+from fastdino.ssl import build_student_teacher
+from fastdino.train.checkpoint import CheckpointError, load_backbone, save_checkpoint
+
+TINY_MODEL = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=4", "model.img_size=16", "model.out_dim=64",
+              "model.head_hidden_dim=32", "model.head_bottleneck_dim=16", "eval.eval_size=16", "data.path=unused"]
+TINY_SHAPE = dict(depth=1, img_size=16)  # what official/timm files do not record
+# timm `vit_*_patch*` state_dict names with num_classes=0 (per block: norm1, attn.qkv, attn.proj, norm2, mlp.fc1/fc2).
+TIMM_BLOCK_KEYS = [f"blocks.0.{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+                   for p in ("weight", "bias")]
+TIMM_KEYS = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
+             *TIMM_BLOCK_KEYS}
+
+
+@pytest.fixture(scope="module")
+def training_checkpoint(tmp_path_factory):
+    """A fastdino training checkpoint at step 7 whose student and teacher differ."""
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY_MODEL)
+    nets = build_student_teacher(cfg.model)
+    with torch.no_grad():
+        for param in nets.student.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    payload = {"student": nets.student.state_dict(), "teacher": nets.teacher.state_dict(), "dino_loss": {},
+               "optimizer": {}, "config": OmegaConf.to_yaml(cfg)}
+    return save_checkpoint(tmp_path_factory.mktemp("run") / "checkpoints", 7, payload, keep=1)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def reference(checkpoint, which="teacher"):
+    return load_backbone(checkpoint, which)[0]
+
+
+@pytest.mark.parametrize("fmt", ["official", "timm", "safetensors"])
+def test_export_then_load_gives_identical_outputs(tmp_path, training_checkpoint, images, fmt):
+    out = tmp_path / f"backbone.{fmt}"
+    summary = export_weights(training_checkpoint, out, fmt)
+    assert summary["source_step"] == 7 and summary["arch"] == "vit_tiny"
+    shape = {} if fmt == "safetensors" else dict(arch="vit_tiny", patch_size=4, **TINY_SHAPE)
+    loaded = load_pretrained_backbone(out, **shape)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), reference(training_checkpoint)(images))
+        assert torch.equal(loaded.get_intermediate_layers(images, 1)[0],
+                           reference(training_checkpoint).get_intermediate_layers(images, 1)[0])
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the temporary file was renamed away
+
+
+def test_official_and_timm_files_are_plain_state_dicts_with_the_expected_names(tmp_path, training_checkpoint):
+    for fmt in ("official", "timm"):
+        export_weights(training_checkpoint, tmp_path / fmt, fmt)
+        state = torch.load(tmp_path / fmt, weights_only=True)
+        assert set(state) == TIMM_KEYS
+        assert set(state) == set(reference(training_checkpoint).state_dict())
+
+
+def test_student_export_holds_the_student(tmp_path, training_checkpoint, images):
+    export_weights(training_checkpoint, tmp_path / "student.safetensors", "safetensors", which="student")
+    loaded = load_pretrained_backbone(tmp_path / "student.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(images), reference(training_checkpoint, "student")(images))
+        assert not torch.equal(loaded(images), reference(training_checkpoint, "teacher")(images))
+
+
+def test_safetensors_metadata(tmp_path, training_checkpoint):
+    out = tmp_path / "b.safetensors"
+    export_weights(training_checkpoint, out, "safetensors")
+    with safe_open(out, framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["arch"] == "vit_tiny" and metadata["patch_size"] == "4" and metadata["embed_dim"] == "192"
+    assert metadata["depth"] == "1" and metadata["img_size"] == "16" and metadata["source_step"] == "7"
+    assert metadata["format_version"] == "1"
+
+
+def test_with_head_layouts(tmp_path, training_checkpoint):
+    export_weights(training_checkpoint, tmp_path / "full.pth", "official", with_head=True)
+    state = torch.load(tmp_path / "full.pth", weights_only=True)
+    assert list(state) == ["teacher"]
+    original = torch.load(training_checkpoint, weights_only=True)["teacher"]
+    assert set(state["teacher"]) == set(original)  # backbone.* and head.*, as official full checkpoints
+    assert any(k.startswith("head.last_layer") for k in state["teacher"])
+    export_weights(training_checkpoint, tmp_path / "full.safetensors", "safetensors", with_head=True)
+    weights = read_weights(tmp_path / "full.safetensors")
+    assert set(weights.head) == {k.removeprefix("head.") for k in original if k.startswith("head.")}
+    for path in (tmp_path / "full.pth", tmp_path / "full.safetensors"):
+        load_pretrained_backbone(path, "vit_tiny", 4, **TINY_SHAPE)
+    with pytest.raises(CheckpointError, match="timm has no place"):
+        export_weights(training_checkpoint, tmp_path / "t", "timm", with_head=True)
+
+
+def test_official_full_checkpoint_with_module_prefixes(tmp_path, training_checkpoint, images):
+    """As main_dino.py saves it: DDP student (`module.backbone.*`), plain teacher, args as a Namespace."""
+    state = torch.load(training_checkpoint, weights_only=True)
+    official = {"student": {f"module.{k}": v for k, v in state["student"].items()}, "teacher": state["teacher"],
+                "optimizer": {}, "epoch": 3, "args": argparse.Namespace(arch="vit_tiny", patch_size=4)}
+    torch.save(official, tmp_path / "checkpoint.pth")
+    for which in ("teacher", "student"):
+        loaded = load_pretrained_backbone(tmp_path / "checkpoint.pth", "vit_tiny", 4, which=which, **TINY_SHAPE)
+        with torch.no_grad():
+            assert torch.equal(loaded(images), reference(training_checkpoint, which)(images))
+
+
+def test_timm_file_with_a_classifier_and_a_state_dict_wrapper_loads(tmp_path, training_checkpoint, images):
+    state = reference(training_checkpoint).state_dict()
+    torch.save({"state_dict": {**state, "head.weight": torch.zeros(1000, 192), "head.bias": torch.zeros(1000)}},
+               tmp_path / "timm.pth")
+    loaded = load_pretrained_backbone(tmp_path / "timm.pth", "vit_tiny", 4, **TINY_SHAPE)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), reference(training_checkpoint)(images))
+
+
+def test_mismatched_weights_name_the_keys(tmp_path, training_checkpoint):
+    export_weights(training_checkpoint, tmp_path / "official.pth", "official")
+    with pytest.raises(CheckpointError, match=r"does not fit vit_small.*wrong shapes \[blocks\.0\.attn\.proj\.bias"):
+        load_pretrained_backbone(tmp_path / "official.pth", "vit_small", 4, **TINY_SHAPE)
+    with pytest.raises(CheckpointError, match=r"missing keys \[blocks\.1\.attn"):
+        load_pretrained_backbone(tmp_path / "official.pth", "vit_tiny", 4, depth=2, img_size=16)
+    state = torch.load(tmp_path / "official.pth", weights_only=True)
+    del state["blocks.0.mlp.fc1.weight"]
+    state["blocks.0.extra"] = torch.zeros(1)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \[blocks\.0\.mlp\.fc1\.weight\]; "
+                                              r"unexpected keys \[blocks\.0\.extra\]"):
+        load_pretrained_backbone(tmp_path / "broken.pth", "vit_tiny", 4, **TINY_SHAPE)
+    with pytest.raises(CheckpointError, match="does not say which model.*--arch"):
+        load_pretrained_backbone(tmp_path / "official.pth")
+
+
+def test_corrupted_and_missing_files_give_a_clear_error(tmp_path, training_checkpoint):
+    (tmp_path / "garbage.pth").write_bytes(b"this is not a checkpoint" * 10)
+    truncated = training_checkpoint.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(truncated[:len(truncated) // 2])
+    export_weights(training_checkpoint, tmp_path / "ok.safetensors", "safetensors")
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[:len(data) - 100])
+    for name in ("garbage.pth", "truncated.pt", "truncated.safetensors"):
+        with pytest.raises(CheckpointError, match="cannot read"):
+            load_pretrained_backbone(tmp_path / name)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_pretrained_backbone(tmp_path / "absent.pth")
+
+
+def test_cli_export_and_knn_on_exported_files(tmp_path, training_checkpoint, digits_betons, capsys):
+    train, val = digits_betons
+    out = tmp_path / "b.safetensors"
+    assert main(["export", str(training_checkpoint), "--format", "safetensors", "--out", str(out)]) == 0
+    assert "safetensors layout, teacher vit_tiny/4 of step 7" in capsys.readouterr().out
+    export_weights(training_checkpoint, tmp_path / "official.pth", "official")
+    # Official files do not record their depth: this 1-block one does not fit the official 12 blocks.
+    assert main(["eval", "knn", str(tmp_path / "official.pth"), "--train", str(train), "--val", str(val),
+                 "--arch", "vit_tiny", "--patch-size", "4"]) == 1
+    assert "missing keys" in capsys.readouterr().err
+    report = tmp_path / "knn.json"
+    assert main(["eval", "knn", str(out), "--train", str(train), "--val", str(val), "--k", "10",
+                 "--drop-high-variance", "8", "--json", str(report), "--device", "cpu"]) == 0
+    assert 0 <= json.loads(report.read_text())["k=10"]["top1"] <= 100
+    assert main(["export", str(tmp_path / "nothing.pt"), "--format", "official", "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line
+
+
+def test_drop_high_variance_dimensions():
+    from fastdino.eval.knn import drop_high_variance_dimensions
+
+    train = torch.randn(50, 6)
+    train[:, 2] *= 100  # the outlier dimension
+    kept_train, kept_test = drop_high_variance_dimensions(train, train[:5], 1)
+    assert kept_train.shape == (50, 5) and torch.allclose(kept_train.norm(dim=1), torch.ones(50))
+    expected = torch.nn.functional.normalize(train[:, [0, 1, 3, 4, 5]], dim=1)
+    assert torch.allclose(kept_train, expected) and torch.allclose(kept_test, expected[:5])
+
+
+def test_help(capsys):
+    for argv in (["export", "--help"], ["eval", "knn", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    assert "--drop-high-variance" in capsys.readouterr().out
