@@ -11,6 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+# Idle OpenMP threads spin by default, which starves FFCV's decode threads and any
+# other process on small CPU machines; must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _train(args) -> int:
     from fastdino.config import load_config

@@ -4,7 +4,6 @@ One small folder of photo crops (variable sizes, odd modes, bad files) is conver
 once per module; FFCV's JIT cost is paid once per process.
 """
 import colorsys
-import io
 import json
 import queue
 import struct
@@ -31,12 +30,6 @@ BAD_FILES = {"corrupt.jpg": "not an image", "truncated.jpg": "unreadable", "empt
              "notes.txt": "not an image", "bomb.png": "decompression bomb"}
 
 
-def png_bytes(image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def decompression_bomb_png(side=30000):
     """A tiny PNG whose header claims side x side pixels (PIL refuses it when opening)."""
     def chunk(kind, data):
@@ -47,7 +40,7 @@ def decompression_bomb_png(side=30000):
 
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory):
-    """Class folders of photo crops plus odd modes and bad files; returns (folder, expected [(array, label)])."""
+    """Class folders of photo crops, odd modes and bad files: (folder, [(name, expected pixels, label)])."""
     root = tmp_path_factory.mktemp("photos")
     expected = []  # file order: classes sorted, files sorted within each
     for label, name in enumerate(["astronaut", "coffee"]):
@@ -82,7 +75,7 @@ def photo_folder(tmp_path_factory):
     (root / "astronaut" / "empty.png").write_bytes(b"")
     (root / "coffee" / "notes.txt").write_text("not a picture\n")
     (root / "coffee" / "bomb.png").write_bytes(decompression_bomb_png())
-    (root / "loose.png").write_bytes(png_bytes(Image.fromarray(chelsea)))
+    Image.fromarray(chelsea).save(root / "loose.png")
     (root / ".hidden").mkdir()
     return root, expected
 
@@ -151,11 +144,22 @@ def test_convert_nothing_writable(tmp_path):
     (src / "b.txt").write_text("hello")
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(DataError, match="no image .* could be converted"):
+    with pytest.raises(DataError, match="no image .* could be converted") as error:
         convert_folder(src, out / "x.beton", num_workers=1, progress=False)
-    assert list(out.iterdir()) == []
+    assert "\n" not in str(error.value) and list(out.iterdir()) == []
     with pytest.raises(DataError, match="no such image folder"):
         convert_folder(tmp_path / "missing", out / "x.beton")
+
+
+def test_interrupted_conversion_leaves_nothing(photo_folder, tmp_path, monkeypatch):
+    def interrupted(writer, *args, **kwargs):
+        Path(writer.fname).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_folder(photo_folder[0], tmp_path / "x.beton", num_workers=1, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_decodes_raw_images_from_other_writers(tmp_path):
@@ -386,12 +390,19 @@ def test_rank_shards_are_disjoint_and_cover():
 
 
 def test_loader_rank_shard(converted, decoded):
-    loader = multicrop_loader(converted[0], 2, n_local_crops=0, global_size=16, seed=7, rank=1, world_size=2)
-    assert len(loader) == 4
-    labels = torch.tensor([label for _, label in decoded])
-    order = torch.from_numpy(epoch_order(17, 2, seed=7, epoch=0, rank=1, world_size=2))
-    seen = torch.cat([batch_labels for crops, batch_labels in loader])
-    assert len(next(iter(loader))[0]) == 2 and torch.equal(seen, labels[order])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loader = multicrop_loader(converted[0], 2, n_local_crops=0, global_size=16, seed=7, rank=1, world_size=2,
+                                  num_workers=2)
+        assert len(loader) == 4
+        labels = torch.tensor([label for _, label in decoded])
+        order = torch.from_numpy(epoch_order(17, 2, seed=7, epoch=0, rank=1, world_size=2))
+        seen = torch.cat([batch_labels for crops, batch_labels in loader])
+        assert len(next(iter(loader))[0]) == 2 and torch.equal(seen, labels[order])
+        assert torch.get_num_threads() == 1  # FFCV's num_workers did not leak into torch
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_eval_loader(converted, decoded):

@@ -27,6 +27,8 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 
+from fastdino.data import ffcv_threads  # noqa: F401  (imported for its effect: FFCV leaves torch's threads alone)
+
 logger = logging.getLogger(__name__)
 
 IMAGE_FIELD = "image"
@@ -100,13 +102,9 @@ class BetonImages:
         pipelines = {name: None for name in fields}  # labels and sizes come from the metadata, no decoding needed
         pipelines[IMAGE_FIELD] = PipelineSpec(IMAGE_FIELD, decoder=CanvasDecoder())
         self.batch_size = batch_size
-        # FFCV sets torch's (process-wide) thread count to num_workers when it builds a
-        # loader and whenever its thread starts an epoch; we put the caller's back each time.
-        torch_threads = torch.get_num_threads()
         # seed only so FFCV leaves numpy's global RNG alone; the order is ours
         self.ffcv_loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, seed=0,
                                   pipelines=pipelines)
-        torch.set_num_threads(torch_threads)
         metadata = reader.metadata
         image_meta = metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]
         self.heights = image_meta["height"].astype(np.int64)
@@ -125,13 +123,10 @@ class BetonImages:
         order = np.asarray(order, dtype=np.uint64)
         if len(order) == 0:
             return
-        torch_threads = torch.get_num_threads()
         decoded = EpochIterator(self.ffcv_loader, order)  # FFCV's prefetching thread, fed our order
         try:
             for start in range(0, len(order), self.batch_size):
                 _wait_for_batch(decoded)
-                if start == 0:  # FFCV's thread set torch's thread count before making this batch
-                    torch.set_num_threads(torch_threads)
                 (canvases,) = next(decoded)
                 indices = order[start: start + self.batch_size].astype(np.int64)
                 sizes = np.stack([self.heights[indices], self.widths[indices]], axis=1)

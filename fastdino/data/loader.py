@@ -6,7 +6,6 @@ every epoch reshuffles across ranks. Batch b of epoch e on rank r is augmented
 with a torch.Generator seeded from (seed, e, b, r) alone, so a batch is the same
 whether its epoch ran from the start or resumed at b.
 """
-import logging
 import math
 
 import numpy as np
@@ -14,8 +13,6 @@ import torch
 
 from fastdino.data.decode import BetonImages
 from fastdino.data.multicrop import augment_params, center_crops, multicrop
-
-logger = logging.getLogger(__name__)
 
 
 def seeded_generator(*keys):
