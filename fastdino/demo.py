@@ -50,6 +50,15 @@ def raw_pixel_knn(train_beton: Path, val_beton: Path, size: int, k: int, tempera
     return knn_classify(train[0], train[1], val[0], val[1], k=k, temperature=temperature)["top1"]
 
 
+def first_image_per_label(beton: Path, size: int, labels: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    found: dict[int, torch.Tensor] = {}
+    for images, batch_labels in eval_loader(beton, 256, size=size):
+        for image, label in zip(images, batch_labels.tolist()):
+            if label in labels and label not in found:
+                found[label] = image
+    return dict(sorted(found.items()))
+
+
 def run_demo(output_dir: Path, overrides: list[str] | None = None) -> dict:
     started = time.perf_counter()
     output_dir = Path(output_dir)
@@ -72,17 +81,16 @@ def run_demo(output_dir: Path, overrides: list[str] | None = None) -> dict:
     backbone, _ = load_backbone(checkpoint)
 
     pictures = []
-    val_batch, val_labels = next(iter(eval_loader(val_beton, 4, size=size)))
     mean = torch.tensor(cfg.data.augment.mean).view(3, 1, 1)
     std = torch.tensor(cfg.data.augment.std).view(3, 1, 1)
-    for i, (image, label) in enumerate(zip(val_batch, val_labels)):
+    for label, image in first_image_per_label(val_beton, size, labels=(2, 3, 5, 8)).items():
         pixels = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         pictures.append(draw_attention(backbone, cfg.model.patch_size, pixels,
-                                       output_dir / "attention" / f"digit_{i}_label_{int(label)}.png",
-                                       size=size, title=f"digit {int(label)}"))
+                                       output_dir / "attention" / f"digit_{label}.png",
+                                       size=size, title=f"digit {label} (held out)"))
     for name, photo in sample_photos().items():
         pictures.append(draw_attention(backbone, cfg.model.patch_size, photo,
-                                       output_dir / "attention" / f"photo_{name}.png", size=64, title=name))
+                                       output_dir / "attention" / f"photo_{name}.png", size=128, title=name))
 
     summary = {
         "knn_top1_before": result["knn"][0]["knn_top1"],
