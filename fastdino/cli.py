@@ -147,6 +147,20 @@ def _viz_attention(args) -> int:
     return 0
 
 
+def _bench_kernels(args) -> int:
+    """Runs bench/bench_kernels.py (a script, not part of the installed package) with the given arguments."""
+    import runpy
+
+    from fastdino.runinfo import REPO_ROOT
+
+    script = REPO_ROOT / "bench" / "bench_kernels.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"benchmark script not found: {script} (run from a source checkout)")
+    sys.argv = [str(script), *args.bench_args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def _demo(args) -> int:
     from fastdino.demo import run_demo
 
@@ -251,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the DINO projection head (official and safetensors only)")
     export.set_defaults(func=_export)
 
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True,
+                                                                          metavar="SUBCOMMAND")
+    kernels = bench.add_parser("kernels", help="time the Triton loss and EMA kernels against their baselines",
+                               description="Runs bench/bench_kernels.py; arguments after the command go to it "
+                                           "(for example: fastdino bench kernels --json OUT --profile NAME).",
+                               add_help=False)
+    kernels.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of bench/bench_kernels.py (--help)")
+    kernels.set_defaults(func=_bench_kernels)
+
     viz = commands.add_parser("viz", help="pictures").add_subparsers(dest="viz_command", required=True,
                                                                      metavar="SUBCOMMAND")
     attention = viz.add_parser("attention", help="per-head CLS attention maps of the last block as PNG")
@@ -264,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "kernels"]:  # every later argument, --help included, belongs to the script
+        args = argparse.Namespace(func=_bench_kernels, bench_args=argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     if os.environ.get("FASTDINO_DEBUG") == "1":
         return args.func(args)
     try:
