@@ -54,14 +54,39 @@ def _eval_backbone(args, device):
     return backbone, args.arch or weights.arch, size
 
 
+def _init_distributed_from_env(device) -> tuple[int, int]:
+    """(rank, world size): under torchrun or the deepspeed launcher (WORLD_SIZE > 1) joins the
+    process group (nccl on CUDA, gloo on CPU); otherwise (0, 1)."""
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def _eval_knn(args) -> int:
+    import torch.distributed as dist
+
     from fastdino.data import eval_loader
-    from fastdino.eval.knn import drop_high_variance_dimensions, extract_features, knn_classify
+    from fastdino.eval.knn import all_gather_rows, drop_high_variance_dimensions, extract_features, knn_classify
 
     device = _eval_device(args)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        import torch
+
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    rank, world_size = _init_distributed_from_env(device)
     backbone, _, size = _eval_backbone(args, device)
-    train = extract_features(backbone, eval_loader(args.train, args.batch_size, size=size, device=str(device)), device)
-    val = extract_features(backbone, eval_loader(args.val, args.batch_size, size=size, device=str(device)), device)
+
+    def embed(beton: str):
+        """This rank's shard of the file, then every rank's rows in file order."""
+        loader = eval_loader(beton, args.batch_size, size=size, device=str(device), rank=rank, world_size=world_size)
+        return all_gather_rows(*extract_features(backbone, loader, device))
+
+    train, val = embed(args.train), embed(args.val)
     train_features, val_features = train[0], val[0]
     if args.drop_high_variance:
         train_features, val_features = drop_high_variance_dimensions(train_features, val_features,
@@ -70,9 +95,12 @@ def _eval_knn(args) -> int:
     for k in args.k:
         results[f"k={k}"] = knn_classify(train_features, train[1], val_features, val[1], k=k,
                                          temperature=args.temperature)
-        print(f"{args.which} k-NN k={k:<4d} top-1 {results[f'k={k}']['top1']:.2f}%")
-    if args.json:
+        if rank == 0:
+            print(f"{args.which} k-NN k={k:<4d} top-1 {results[f'k={k}']['top1']:.2f}%")
+    if args.json and rank == 0:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if world_size > 1:
+        dist.destroy_process_group()
     return 0
 
 

@@ -98,3 +98,26 @@ def drop_high_variance_dimensions(train_features: torch.Tensor, test_features: t
         raise ValueError(f"cannot drop {n} of {train_features.shape[1]} feature dimensions")
     keep = train_features.var(dim=0).argsort(descending=True)[n:].sort().values
     return F.normalize(train_features[:, keep], dim=1), F.normalize(test_features[:, keep], dim=1)
+
+
+@torch.no_grad()
+def all_gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Concatenates each rank's rows (in rank order) on every rank; ranks may hold different
+    row counts. Returns the inputs unchanged outside torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    world = dist.get_world_size()
+    count = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    gathered = []
+    for tensor in tensors:
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        gathered.append(torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)]))
+    return tuple(gathered)
