@@ -4,12 +4,10 @@ Runs on CUDA tensors when a GPU is present and through the Triton interpreter on
 otherwise; see tests/test_kernels_dino_loss.py for how interpreter mode is switched on.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from kernel_subprocess import assert_compiles_for_h100, assert_passes_under_interpreter
 
 if torch.cuda.is_available():
     import fastdino_kernels.ema as ema
@@ -176,18 +174,11 @@ print("compiled")
 def test_kernel_compiles_for_h100_without_a_gpu():
     """The interpreter accepts programs the GPU compiler rejects: compile the kernel to sm_90
     machine code (Triton ships ptxas) in a process where triton is not interpreted."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], cwd=Path(__file__).resolve().parents[1], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert_compiles_for_h100(COMPILE_FOR_H100)
 
 
 @pytest.mark.skipif(ON_CPU or torch.cuda.is_available(), reason="the kernels are tested in this process")
 def test_cpu_cases_in_a_fresh_interpreter():
     """Another test module imported triton compiled before this one: re-run this file in a
     process that switches the interpreter on before importing triton."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert_passes_under_interpreter(__file__)
