@@ -189,3 +189,16 @@ def test_help(capsys):
             main(argv)
         assert exit_info.value.code == 0
     assert "--drop-high-variance" in capsys.readouterr().out
+
+
+def test_head_saved_with_weight_norm_parametrizations_loads(tmp_path):
+    from fastdino.eval.export import read_weights
+
+    gain, direction = torch.rand(16, 1), torch.randn(16, 8)
+    state = {"module.backbone.cls_token": torch.zeros(1, 1, 4),
+             "module.head.last_layer.parametrizations.weight.original0": gain,
+             "module.head.last_layer.parametrizations.weight.original1": direction}
+    torch.save({"teacher": state}, tmp_path / "new_torch.pth")
+    weights = read_weights(tmp_path / "new_torch.pth")
+    assert torch.equal(weights.head["last_layer.weight_g"], gain)
+    assert torch.equal(weights.head["last_layer.weight_v"], direction)

@@ -185,11 +185,23 @@ def _split_backbone_and_head(state: dict, path: Path) -> BackboneWeights:
     wrapped in `backbone.` (a MultiCropWrapper), otherwise a classifier (timm), dropped."""
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {_current_key(k.removeprefix("module.")): v for k, v in state.items()}
     wrapped = any(k.startswith("backbone.") for k in state)
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
     head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")} if wrapped else {}
     return BackboneWeights(backbone=backbone, head=head)
+
+
+# Heads saved by newer torch weight-norm parametrizations name the gain and direction differently.
+_RENAMED = {"last_layer.parametrizations.weight.original0": "last_layer.weight_g",
+            "last_layer.parametrizations.weight.original1": "last_layer.weight_v"}
+
+
+def _current_key(key: str) -> str:
+    for old, new in _RENAMED.items():
+        if key.endswith(old):
+            return key[: -len(old)] + new
+    return key
 
 
 def _is_safetensors(path: Path) -> bool:
