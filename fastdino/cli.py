@@ -175,13 +175,13 @@ def _viz_attention(args) -> int:
     return 0
 
 
-def _bench_kernels(args) -> int:
-    """Runs bench/bench_kernels.py (a script, not part of the installed package) with the given arguments."""
+def _bench_script(args) -> int:
+    """Runs bench/bench_<name>.py (scripts, not part of the installed package) with the given arguments."""
     import runpy
 
     from fastdino.runinfo import REPO_ROOT
 
-    script = REPO_ROOT / "bench" / "bench_kernels.py"
+    script = REPO_ROOT / "bench" / f"bench_{args.bench_name}.py"
     if not script.is_file():
         raise FileNotFoundError(f"benchmark script not found: {script} (run from a source checkout)")
     sys.argv = [str(script), *args.bench_args]
@@ -195,6 +195,12 @@ def _demo(args) -> int:
     summary = run_demo(Path(args.output_dir), overrides=args.overrides)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+BENCH_SCRIPTS = {
+    "kernels": "time the Triton loss and EMA kernels against their baselines and the bandwidth floor",
+    "loader": "multi-crop loading img/s and CPU cores: the official PIL recipe against fastdino's loader",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,12 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True,
                                                                           metavar="SUBCOMMAND")
-    kernels = bench.add_parser("kernels", help="time the Triton loss and EMA kernels against their baselines",
-                               description="Runs bench/bench_kernels.py; arguments after the command go to it "
-                                           "(for example: fastdino bench kernels --json OUT --profile NAME).",
-                               add_help=False)
-    kernels.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of bench/bench_kernels.py (--help)")
-    kernels.set_defaults(func=_bench_kernels)
+    for name, summary in BENCH_SCRIPTS.items():
+        script = bench.add_parser(name, help=summary, add_help=False,
+                                  description=f"Runs bench/bench_{name}.py; later arguments go to it (--help).")
+        script.add_argument("bench_args", nargs=argparse.REMAINDER, help=f"arguments of bench/bench_{name}.py")
 
     viz = commands.add_parser("viz", help="pictures").add_subparsers(dest="viz_command", required=True,
                                                                      metavar="SUBCOMMAND")
@@ -316,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["bench", "kernels"]:  # every later argument, --help included, belongs to the script
-        args = argparse.Namespace(func=_bench_kernels, bench_args=argv[2:])
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCH_SCRIPTS:  # later arguments belong to the script
+        args = argparse.Namespace(func=_bench_script, bench_name=argv[1], bench_args=argv[2:])
     else:
         args = build_parser().parse_args(argv)
     if os.environ.get("FASTDINO_DEBUG") == "1":

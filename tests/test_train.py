@@ -97,7 +97,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "fastdino", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["demo"], ["data", "convert"], ["eval", "knn"], ["bench", "kernels"],
+@pytest.mark.parametrize("command", [[], ["train"], ["demo"], ["data", "convert"], ["eval", "knn"], ["bench", "kernels"], ["bench", "loader"],
                                      ["viz", "attention"]])
 def test_every_command_has_help(command):
     result = run_cli(*command, "--help")

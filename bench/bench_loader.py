@@ -1,0 +1,218 @@
+"""Loader benchmark: DINO multi-crop images per second and CPU cores used.
+
+    (a) pil       what the official DataAugmentationDINO does, in PIL, with worker processes
+                  (JPEG decode, RandomResizedCrop bicubic, flip, colour jitter in random order,
+                  grayscale, Gaussian blur, solarize, to float and normalise), no torchvision
+    (b) fastdino  fastdino.data.multicrop_loader on the CPU (FFCV decode + batched tensor ops)
+
+Both read the same JPEGs (scikit-image's sample photos, randomly cropped and resized up to
+512 px, written once) and produce 2 global + N local crops per image. Cores used is
+(process + children CPU time) / wall time, so img/s per core compares the work per core.
+
+    python bench/bench_loader.py                      # 2 x 224 + 10 x 96, 512 images
+    python bench/bench_loader.py --json cpu_loader.jsonl
+    fastdino bench loader --images 128 --local-crops 10
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import resource
+import shlex
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=512, help="distinct JPEGs (default 512)")
+    p.add_argument("--local-crops", type=int, default=10, help="local crops per image (default 10)")
+    p.add_argument("--global-size", type=int, default=224)
+    p.add_argument("--local-size", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="PIL worker processes / FFCV threads")
+    p.add_argument("--only", choices=["pil", "fastdino"], help="run one pipeline")
+    p.add_argument("--json", metavar="FILE", help="append one JSON row per measurement to bench/results/FILE")
+    return p.parse_args(argv)
+
+
+def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Random crops of scikit-image's photos, longer side 256..512 px, as JPEG files."""
+    from fastdino.data.sample_data import sample_photos
+
+    rng = np.random.default_rng(seed)
+    photos = list(sample_photos().values())
+    paths = []
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        ch, cw = int(rng.integers(h // 2, h + 1)), int(rng.integers(w // 2, w + 1))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        image = Image.fromarray(photo[top:top + ch, left:left + cw])
+        longer = int(rng.integers(256, 513))
+        scale = longer / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+        path = folder / "images" / f"{i:05d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# ---- (a) the official pipeline, in PIL ---------------------------------------------------------
+def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random) -> Image.Image:
+    width, height = image.size
+    area = width * height
+    log_ratio = (np.log(3 / 4), np.log(4 / 3))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = np.exp(rng.uniform(*log_ratio))
+        w, h = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+            break
+    else:
+        w, h = min(width, height), min(width, height)
+        top, left = (height - h) // 2, (width - w) // 2
+    return image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+
+
+def shift_hue(image: Image.Image, factor: float) -> Image.Image:
+    hsv = np.array(image.convert("HSV"))
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(factor * 255)) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+def color_jitter(image: Image.Image, rng: random.Random) -> Image.Image:
+    ops = [lambda im: ImageEnhance.Brightness(im).enhance(rng.uniform(0.6, 1.4)),
+           lambda im: ImageEnhance.Contrast(im).enhance(rng.uniform(0.6, 1.4)),
+           lambda im: ImageEnhance.Color(im).enhance(rng.uniform(0.8, 1.2)),
+           lambda im: shift_hue(im, rng.uniform(-0.1, 0.1))]
+    rng.shuffle(ops)
+    for op in ops:
+        image = op(image)
+    return image
+
+
+def official_view(image: Image.Image, size: int, scale, blur_p: float, solarize_p: float,
+                  rng: random.Random) -> np.ndarray:
+    view = random_resized_crop(image, size, scale, rng)
+    if rng.random() < 0.5:
+        view = ImageOps.mirror(view)
+    if rng.random() < 0.8:
+        view = color_jitter(view, rng)
+    if rng.random() < 0.2:
+        view = ImageOps.grayscale(view).convert("RGB")
+    if rng.random() < blur_p:
+        view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    if rng.random() < solarize_p:
+        view = ImageOps.solarize(view, 128)
+    pixels = np.asarray(view, dtype=np.float32) / 255.0
+    return ((pixels - MEAN) / STD).transpose(2, 0, 1)
+
+
+def official_crops(job: tuple[str, int, int, int, int]) -> list[np.ndarray]:
+    path, index, n_local, global_size, local_size = job
+    rng = random.Random(index)
+    with Image.open(path) as f:
+        image = f.convert("RGB")
+    views = [official_view(image, global_size, (0.4, 1.0), 1.0, 0.0, rng),
+             official_view(image, global_size, (0.4, 1.0), 0.1, 0.2, rng)]
+    views += [official_view(image, local_size, (0.05, 0.4), 0.5, 0.0, rng) for _ in range(n_local)]
+    return views
+
+
+def run_pil(paths: list[Path], args) -> int:
+    jobs = [(str(p), i, args.local_crops, args.global_size, args.local_size) for i, p in enumerate(paths)]
+    with Pool(args.workers) as pool:
+        done = 0
+        for views in pool.imap_unordered(official_crops, jobs, chunksize=4):
+            done += 1
+            assert len(views) == 2 + args.local_crops
+    return done
+
+
+# ---- (b) fastdino ------------------------------------------------------------------------------
+def run_fastdino(beton: Path, args) -> int:
+    from fastdino.data import multicrop_loader
+
+    loader = multicrop_loader(beton, args.batch_size, n_local_crops=args.local_crops, global_size=args.global_size,
+                              local_size=args.local_size, num_workers=args.workers, drop_last=False)
+    done = 0
+    for crops, _labels in loader:
+        done += crops[0].shape[0]
+        assert len(crops) == 2 + args.local_crops
+    return done
+
+
+def cpu_seconds() -> float:
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure(name: str, run) -> dict:
+    run()  # warm-up: FFCV's JIT compile, worker start-up, page cache
+    wall0, cpu0 = time.perf_counter(), cpu_seconds()
+    images = run()
+    wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
+    return {"pipeline": name, "images": images, "seconds": wall, "img_per_s": images / wall,
+            "cores_used": cpu / wall, "img_per_s_per_core": images / cpu}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import ffcv  # noqa: F401  (fails early, with its own message, where FFCV is missing)
+    import triton
+
+    from fastdino.data import convert_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        paths = write_jpegs(folder, args.images)
+        beton = folder / "bench.beton"
+        convert_folder(folder / "images", beton, max_resolution=512, progress=False)
+        rows = []
+        if args.only in (None, "pil"):
+            rows.append(measure("pil (official DataAugmentationDINO recipe, worker processes)",
+                                lambda: run_pil(paths, args)))
+        if args.only in (None, "fastdino"):
+            rows.append(measure("fastdino CPU (FFCV decode + batched tensor multi-crop)",
+                                lambda: run_fastdino(beton, args)))
+    crops = f"2 x {args.global_size} + {args.local_crops} x {args.local_size}"
+    print(f"\nmulti-crop loading, {crops} px crops, {args.images} JPEGs (256-512 px), {args.workers} workers, "
+          f"{os.cpu_count()} CPU cores")
+    print(f"{'pipeline':<62} {'img/s':>8} {'cores':>6} {'img/s/core':>11}")
+    for row in rows:
+        print(f"{row['pipeline']:<62} {row['img_per_s']:>8.1f} {row['cores_used']:>6.2f} "
+              f"{row['img_per_s_per_core']:>11.1f}")
+    if len(rows) == 2:
+        print(f"fastdino / pil per core: {rows[1]['img_per_s_per_core'] / rows[0]['img_per_s_per_core']:.2f}x")
+    if args.json:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        base = {"device": f"CPU, {os.cpu_count()} cores", "torch": torch.__version__, "triton": triton.__version__,
+                "date": datetime.date.today().isoformat(),
+                "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])}
+        with open(RESULTS_DIR / args.json, "a") as f:
+            for row in rows:
+                for what, unit in (("img_per_s", "img/s"), ("cores_used", "cores"),
+                                   ("img_per_s_per_core", "img/s/core")):
+                    f.write(json.dumps({"what": f"loader {row['pipeline']}, {crops} crops, {what}",
+                                        "value": round(row[what], 2), "unit": unit, **base}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
