@@ -7,11 +7,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from fastdino.eval.attention_maps import (last_attention_maps, patch_pca_rgb, save_attention_figure,
                                           threshold_attention)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_image(path: str | Path) -> np.ndarray:

@@ -6,6 +6,7 @@ which parameters get weight decay.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -29,13 +30,8 @@ class MultiCropWrapper(nn.Module):
     def forward(self, crops: list[torch.Tensor] | torch.Tensor, return_backbone: bool = False):
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        sizes = torch.tensor([c.shape[-1] for c in crops])
-        group_ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
-        features, start = [], 0
-        for end in group_ends:
-            features.append(self.backbone(torch.cat(crops[start:end])))
-            start = end
-        features = torch.cat(features)
+        groups = itertools.groupby(crops, key=lambda crop: crop.shape[-2:])
+        features = torch.cat([self.backbone(torch.cat(list(same_size))) for _, same_size in groups])
         logits = self.head(features)
         return (logits, features) if return_backbone else logits
 
@@ -97,8 +93,7 @@ def clip_gradients_per_parameter(model: nn.Module, max_norm: float) -> torch.Ten
         return torch.zeros(0)
     norms = torch.stack(torch._foreach_norm(grads, 2.0))
     scales = (max_norm / (norms.float() + 1e-6)).clamp(max=1.0)
-    for grad, scale in zip(grads, scales.unbind()):
-        grad.mul_(scale.to(grad.dtype))
+    torch._foreach_mul_(grads, list(scales.to(grads[0].dtype).unbind()))
     return norms
 
 
