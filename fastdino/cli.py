@@ -31,7 +31,7 @@ def _convert(args) -> int:
     from fastdino.data import convert_folder
 
     report = convert_folder(args.src, args.out, max_resolution=args.max_resolution,
-                            jpeg_quality=args.jpeg_quality, num_workers=args.workers)
+                            jpeg_quality=args.jpeg_quality, storage=args.storage, num_workers=args.workers)
     print(f"wrote {report['written']} images to {args.out}; skipped {len(report['skipped'])} "
           f"(see {args.out}.report.json)")
     return 0
@@ -227,10 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert = data.add_parser("convert", help="write an image folder to an FFCV .beton file",
                               description="Class sub-folders become labels (a flat folder gets -1). Unreadable "
                                           "files are skipped and listed in OUT.beton.report.json.")
-    convert.add_argument("src", help="image folder")
+    convert.add_argument("src", help="image folder, or a text file of 'PATH [LABEL]' lines")
     convert.add_argument("out", help="output .beton path")
     convert.add_argument("--max-resolution", type=int, default=512, help="cap on the longer side (default 512)")
     convert.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default 90)")
+    convert.add_argument("--storage", choices=["jpg", "raw"], default="jpg",
+                         help="store JPEG (default; what the GPU decoder reads) or raw pixels (no decode, larger)")
     convert.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="parallel workers")
     convert.set_defaults(func=_convert)
 

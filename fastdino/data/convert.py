@@ -1,8 +1,10 @@
-"""Image folder -> FFCV .beton (JPEG `image` + int `label`), with a report of what was skipped.
+"""Image folder or file list -> FFCV .beton (`image` + int `label`), with a report of what was skipped.
 
 Layout as torchvision's ImageFolder: class sub-folders (sorted names) give labels
 0..C-1, recursively; a folder of loose images gives label -1. Hidden files and
-folders are ignored. Each file is read twice: a first pass (threads; PIL decodes
+folders are ignored. A file list is a text file of `PATH` or `PATH LABEL` lines
+(paths relative to the list's folder; no label is -1). Images are stored as JPEG
+(what the GPU path decodes with nvJPEG) or raw pixels (no decode cost, larger). Each file is read twice: a first pass (threads; PIL decodes
 without the GIL) finds what can't be used and why, so that FFCV's writer, which
 must know the sample count up front and hangs if a worker dies, only ever sees
 images that load.
@@ -49,6 +51,25 @@ def find_images(src):
     files = [(p, label) for label, class_dir in enumerate(class_dirs) for p in visible_files(class_dir, "**/*")]
     loose = [{"path": str(p), "reason": "outside the class folders"} for p in entries]
     return files, [d.name for d in class_dirs], loose
+
+
+def read_file_list(list_path):
+    """(files as [(path, label)], skipped [{path, reason}]) of a file list; see the module docstring."""
+    files, skipped = [], []
+    for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, label = line, -1
+        head, _, tail = line.rpartition(" ")
+        if head and tail.lstrip("-").isdigit():
+            name, label = head.strip(), int(tail)
+        path = list_path.parent / name
+        if path.is_file():
+            files.append((path, label))
+        else:
+            skipped.append({"path": str(path), "reason": f"no such file (line {number} of {list_path})"})
+    return files, skipped
 
 
 def load_rgb(path, max_resolution):
@@ -118,23 +139,30 @@ def _write_json_atomically(path, content):
 
 
 def convert_folder(src, out_path, *, max_resolution=DEFAULT_MAX_RESOLUTION, jpeg_quality=DEFAULT_JPEG_QUALITY,
-                   num_workers=None, progress=True):
-    """Converts an image folder into the .beton `out_path`, and writes `out_path + '.report.json'`.
+                   storage="jpg", num_workers=None, progress=True):
+    """Converts an image folder or file list into the .beton `out_path`, and writes `out_path + '.report.json'`.
 
-    Unusable files (corrupt, truncated, empty, not images, decompression bombs) are
-    skipped with a reason. The .beton appears only once complete (written to a
-    temporary file beside it, then renamed). Returns the report:
-    {"written": int, "skipped": [{"path", "reason"}], "classes": [names]}.
-    Raises DataError when src is not a folder or no image in it can be converted.
+    Images become RGB with their EXIF orientation applied, the longer side at most
+    `max_resolution`, stored as JPEG of `jpeg_quality` (storage="jpg") or raw pixels
+    (storage="raw"). Unusable files (corrupt, truncated, empty, not images,
+    decompression bombs, missing list entries) are skipped with a reason. The .beton
+    appears only once complete (written to a temporary file beside it, then renamed).
+    Returns the report: {"written": int, "skipped": [{"path", "reason"}], "classes": [names]}.
+    Raises DataError when src does not exist or no image in it can be converted.
     """
     src, out_path = Path(src), Path(out_path)
-    if not src.is_dir():
-        raise DataError(f"no such image folder: {src}")
+    if not src.exists():
+        raise DataError(f"no such image folder or file list: {src}")
     if not 1 <= jpeg_quality <= 100 or max_resolution < 1:
         raise DataError(f"need 1 <= jpeg_quality <= 100 and max_resolution >= 1, got {jpeg_quality}, {max_resolution}")
+    if storage not in ("jpg", "raw"):
+        raise DataError(f"storage must be 'jpg' or 'raw', got {storage!r}")
     num_workers = num_workers or os.cpu_count() or 1
 
-    files, classes, skipped = find_images(src)
+    if src.is_dir():
+        files, classes, skipped = find_images(src)
+    else:
+        (files, skipped), classes = read_file_list(src), []
     with ThreadPoolExecutor(num_workers) as pool:
         reasons = list(tqdm(pool.map(partial(unusable_reason, max_resolution=max_resolution), [p for p, _ in files]),
                             total=len(files), desc="checking images", unit="img", disable=not progress))
@@ -150,7 +178,7 @@ def convert_folder(src, out_path, *, max_resolution=DEFAULT_MAX_RESOLUTION, jpeg
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
     try:
         images = _CheckedImages(usable, max_resolution)
-        fields = {IMAGE_FIELD: RGBImageField(write_mode="jpg", jpeg_quality=jpeg_quality), LABEL_FIELD: IntField()}
+        fields = {IMAGE_FIELD: RGBImageField(write_mode=storage, jpeg_quality=jpeg_quality), LABEL_FIELD: IntField()}
         writer = DatasetWriter(str(tmp), fields, page_size=_page_size(max_resolution),
                                num_workers=min(num_workers, len(usable)))
         # FFCV's writer always draws its own progress bar (on stderr)

@@ -1,4 +1,4 @@
-"""Decode stage: the JPEGs of a .beton -> padded uint8 canvases, in an order we choose.
+"""Decode stage: the JPEGs of a .beton -> padded uint8 canvases (or the JPEG bytes), in an order we choose.
 
 FFCV's stock image decoders need one image size, or crop each image once with
 their own unseeded RNG. `CanvasDecoder` instead decodes every image whole, with
@@ -6,8 +6,9 @@ FFCV's libjpeg-turbo binding, into the top-left corner of a `[max_h, max_w, 3]`
 canvas (max over the whole file). Each image's true size is in the .beton's
 metadata, as are the labels, so `BetonImages` looks both up by sample index: it
 runs FFCV's pipeline over the sample order it is given and knows which samples
-each batch holds. Augmentation is a separate stage (multicrop.py), so a GPU
-decoder can later yield the same (canvas, sizes, labels) batches.
+each batch holds. For the GPU path `StoredBytes` instead copies each sample's
+stored bytes (JPEG, or raw pixels) into a row, and nvJPEG decodes them on the GPU
+(gpu_decode.py). Augmentation is a separate stage (multicrop.py, cpu_crops.py).
 """
 import logging
 import time
@@ -83,14 +84,44 @@ class CanvasDecoder(Operation):
         return decode
 
 
+class StoredBytes(Operation):
+    """FFCV decoder: each sample's stored image bytes (a JPEG file, or raw RGB rows) into a row of
+    [max_bytes] uint8; the lengths and storage modes are in `BetonImages`."""
+
+    def declare_state_and_memory(self, previous_state):
+        shape, dtype = (int(self.max_bytes),), np.dtype("u1")
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), AllocationQuery(shape, dtype)
+
+    def __init__(self, max_bytes):
+        super().__init__()
+        self.max_bytes = max_bytes
+
+    def generate_code(self):
+        read_sample = self.memory_read
+        sample_range = Compiler.get_iterator()
+
+        def copy(batch_indices, rows, metadata, storage_state):
+            for slot in sample_range(len(batch_indices)):
+                data = read_sample(metadata[batch_indices[slot]]["data_ptr"], storage_state)
+                rows[slot, : len(data)] = data
+            return rows[: len(batch_indices)]
+
+        copy.is_parallel = True
+        return copy
+
+
 class BetonImages:
     """The images and labels of a .beton, decoded in batches of any sample order.
 
     Expects FFCV fields `image` (RGBImageField) and `label` (IntField), as
-    `convert_folder` writes them; other fields are ignored.
+    `convert_folder` writes them; other fields are ignored. stored_bytes=True yields
+    each image's stored bytes instead of pixels (for the GPU decoder). os_cache: read
+    through the OS page cache (memory-mapped file; best when the data set fits in RAM)
+    rather than FFCV's own page reads. batches_ahead: batches FFCV prepares in advance,
+    which bounds the memory in flight.
     """
 
-    def __init__(self, path, batch_size, num_workers=2):
+    def __init__(self, path, batch_size, num_workers=2, *, stored_bytes=False, os_cache=True, batches_ahead=3):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such .beton file: {path}")
@@ -99,24 +130,34 @@ class BetonImages:
         if not isinstance(fields.get(IMAGE_FIELD), RGBImageField) or not isinstance(fields.get(LABEL_FIELD), IntField):
             raise ValueError(f"{path} needs an RGBImageField '{IMAGE_FIELD}' and an IntField '{LABEL_FIELD}'; "
                              f"it has {', '.join(f'{n} ({type(f).__name__})' for n, f in fields.items())}")
-        pipelines = {name: None for name in fields}  # labels and sizes come from the metadata, no decoding needed
-        pipelines[IMAGE_FIELD] = PipelineSpec(IMAGE_FIELD, decoder=CanvasDecoder())
-        self.batch_size = batch_size
-        # seed only so FFCV leaves numpy's global RNG alone; the order is ours
-        self.ffcv_loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, seed=0,
-                                  pipelines=pipelines)
         metadata = reader.metadata
         image_meta = metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]
         self.heights = image_meta["height"].astype(np.int64)
         self.widths = image_meta["width"].astype(np.int64)
+        self.is_jpeg = image_meta["mode"] == IMAGE_MODES["jpg"]
         self.labels = metadata[f"f{reader.field_names.index(LABEL_FIELD)}"].astype(np.int64)
         self.num_images = int(reader.num_samples)
+        # each image's stored bytes: its allocation, found by address in the allocation table
+        table = reader.alloc_table[np.argsort(reader.alloc_table["ptr"])]
+        image_alloc = table[np.searchsorted(table["ptr"], image_meta["data_ptr"])]
+        self.stored_lengths = image_alloc["size"].astype(np.int64)
+        self.pages = (image_alloc["ptr"] // reader.page_size).astype(np.int64)  # for the quasi-random order
+
+        pipelines = {name: None for name in fields}  # labels and sizes come from the metadata, no decoding needed
+        decoder = StoredBytes(self.stored_lengths.max(initial=1)) if stored_bytes else CanvasDecoder()
+        pipelines[IMAGE_FIELD] = PipelineSpec(IMAGE_FIELD, decoder=decoder)
+        self.batch_size, self.stored_bytes = batch_size, stored_bytes
+        # seed only so FFCV leaves numpy's global RNG alone; the order is ours
+        self.ffcv_loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, seed=0,
+                                  pipelines=pipelines, os_cache=os_cache, batches_ahead=batches_ahead)
         logger.info("%s: %d images, canvas %dx%d", path, self.num_images, self.heights.max(initial=0),
                     self.widths.max(initial=0))
 
     def batches(self, order):
         """Yields (canvases uint8 [b, max_h, max_w, 3], sizes long [b, 2] as (h, w), labels long [b])
         for consecutive batch_size chunks of the sample indices `order` (the last may be short).
+        With stored_bytes, canvases is instead uint8 [b, max_bytes]: row i holds image i's
+        stored bytes and sizes gets two more columns: the byte count, and 1 for a JPEG (0: raw RGB rows).
 
         The canvases are FFCV's buffers: use them before asking for the next batch.
         """
@@ -129,7 +170,10 @@ class BetonImages:
                 _wait_for_batch(decoded)
                 (canvases,) = next(decoded)
                 indices = order[start: start + self.batch_size].astype(np.int64)
-                sizes = np.stack([self.heights[indices], self.widths[indices]], axis=1)
+                columns = [self.heights[indices], self.widths[indices]]
+                if self.stored_bytes:
+                    columns += [self.stored_lengths[indices], self.is_jpeg[indices].astype(np.int64)]
+                sizes = np.stack(columns, axis=1)
                 yield torch.from_numpy(canvases), torch.from_numpy(sizes), torch.from_numpy(self.labels[indices])
         finally:
             decoded.close()

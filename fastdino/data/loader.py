@@ -1,18 +1,28 @@
-"""Training and evaluation loaders over a .beton: sample order and seeding.
+"""Training and evaluation loaders over a .beton: sample order, seeding, and which decode and crop code runs.
 
 An epoch's order is one seeded permutation of the whole file, cut into a strided
 shard per rank (as torch's DistributedSampler), so ranks see disjoint images and
-every epoch reshuffles across ranks. Batch b of epoch e on rank r is augmented
-with a torch.Generator seeded from (seed, e, b, r) alone, so a batch is the same
-whether its epoch ran from the start or resumed at b.
+every epoch reshuffles across ranks. The quasi-random order shuffles storage
+pages and images within small groups of pages instead, and gives each rank a
+contiguous part, so a rank reads few pages (for data sets larger than RAM).
+Batch b of epoch e on rank r is augmented with a torch.Generator seeded from
+(seed, e, b, r) alone, so a batch is the same whether its epoch ran from the
+start or resumed at b, and whichever device or code path computes its pixels.
 """
+import logging
 import math
 
 import numpy as np
 import torch
 
+from fastdino.data.cpu_crops import CpuMultiCrop
 from fastdino.data.decode import BetonImages
+from fastdino.data.gpu_decode import NvJpegDecoder, nvimgcodec_unavailable
 from fastdino.data.multicrop import augment_params, center_crops, multicrop
+
+logger = logging.getLogger(__name__)
+ORDERS = ("random", "quasi_random")
+PAGES_PER_SHUFFLE_GROUP = 8  # quasi-random: images mix within groups of this many storage pages
 
 
 def seeded_generator(*keys):
@@ -21,19 +31,62 @@ def seeded_generator(*keys):
     return torch.Generator().manual_seed(int(state))
 
 
-def epoch_order(num_images, batch_size, *, seed, epoch, rank, world_size, drop_last=True):
+def epoch_order(num_images, batch_size, *, seed, epoch, rank, world_size, drop_last=True, pages=None):
     """The sample indices rank `rank` reads in epoch `epoch`, in order.
 
     drop_last: every rank gets the same number of full batches, the rest of the
     permutation is left out. Otherwise the permutation wraps around to a multiple of
     world_size (as DistributedSampler) and each rank's last batch may be short.
+    pages: each image's storage page; given, the order is quasi-random (see the module
+    docstring) and rank r reads the r-th contiguous part of it.
     """
-    order = np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(num_images)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+    if pages is None:
+        order = rng.permutation(num_images)
+    else:
+        page_ids, page_of_image = np.unique(pages, return_inverse=True)
+        page_rank = np.empty(len(page_ids), np.int64)
+        page_rank[rng.permutation(len(page_ids))] = np.arange(len(page_ids))
+        group = page_rank[page_of_image] // PAGES_PER_SHUFFLE_GROUP
+        order = np.lexsort((rng.random(num_images), group))  # by page group, random within a group
     if drop_last:
         order = order[: len(order) // (world_size * batch_size) * world_size * batch_size]
     else:
         order = np.resize(order, math.ceil(len(order) / world_size) * world_size)
-    return order[rank::world_size]
+    if pages is None:
+        return order[rank::world_size]
+    return np.array_split(order, world_size)[rank]
+
+
+def pick_paths(device, decode, crops):
+    """(device, decode, crops) with 'auto' resolved, logging why; a path that can't run here is a ValueError.
+
+    decode: 'nvjpeg' (GPU) or 'cpu' (FFCV's libjpeg-turbo); crops: 'torch' (batched
+    tensor ops, on the images' device) or 'opencv' (uint8, CPU threads).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        logger.info("data device auto -> %s (%s)", device,
+                    "CUDA is available" if device == "cuda" else "no CUDA device")
+    device = torch.device(device)
+    if decode == "auto":
+        reason = nvimgcodec_unavailable(device)
+        decode = "cpu" if reason else "nvjpeg"
+        logger.info("JPEG decode auto -> %s (%s)", decode, reason or "nvImageCodec and a CUDA device are here")
+    elif decode == "nvjpeg":
+        if reason := nvimgcodec_unavailable(device):
+            raise ValueError(f"data.decode=nvjpeg can't run: {reason}")
+    elif decode != "cpu":
+        raise ValueError(f"decode must be auto, nvjpeg or cpu, got {decode!r}")
+    if crops == "auto":
+        crops = "opencv" if device.type == "cpu" else "torch"
+        logger.info("multi-crop auto -> %s (%s)", crops, "uint8 OpenCV threads are the fastest CPU path"
+                    if crops == "opencv" else f"batched tensor ops on {device}")
+    elif crops == "opencv" and device.type != "cpu":
+        raise ValueError(f"data.crops=opencv runs on the CPU only; the device is {device}")
+    elif crops not in ("opencv", "torch"):
+        raise ValueError(f"crops must be auto, opencv or torch, got {crops!r}")
+    return device, decode, crops
 
 
 class MultiCropLoader:
@@ -41,17 +94,32 @@ class MultiCropLoader:
 
     crops: [global1, global2, local1, ..., localN], each [B, 3, size, size] on `device`;
     labels: long [B] (-1 for unlabelled images).
+
+    device: where the crops go ('cpu', 'cuda[:i]' or 'auto'); decode: 'auto' (nvJPEG
+    on a GPU where nvImageCodec is installed, else the CPU), 'nvjpeg' or 'cpu'; crops:
+    'auto' (OpenCV uint8 threads on the CPU, batched tensor ops on a GPU), 'opencv' or
+    'torch'. order: 'random' or 'quasi_random' (page-grouped, for data larger than RAM);
+    os_cache: read through the OS page cache rather than FFCV's page reader;
+    batches_ahead: decoded batches prepared in advance (bounds the memory in flight).
     """
 
     def __init__(self, beton_path, batch_size, *, n_local_crops=8, global_size=224, local_size=96, device="cpu",
-                 seed=0, rank=0, world_size=1, augment=None, num_workers=2, drop_last=True, dtype=torch.float32):
+                 seed=0, rank=0, world_size=1, augment=None, num_workers=2, drop_last=True, dtype=torch.float32,
+                 decode="auto", crops="auto", order="random", os_cache=True, batches_ahead=3):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.images = BetonImages(beton_path, batch_size, num_workers)
-        self.batch_size, self.drop_last = batch_size, drop_last
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        device, decode, crops = pick_paths(device, decode, crops)
+        self.images = BetonImages(beton_path, batch_size, num_workers, stored_bytes=decode == "nvjpeg",
+                                  os_cache=os_cache, batches_ahead=batches_ahead)
+        self.batch_size, self.drop_last, self.order = batch_size, drop_last, order
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device, self.decode, self.crops = device, decode, crops
         self.crop_args = dict(n_local_crops=n_local_crops, global_size=global_size, local_size=local_size,
-                              params=augment_params(augment), device=torch.device(device), dtype=dtype)
+                              params=augment_params(augment), dtype=dtype)
+        self.gpu_decoder = NvJpegDecoder(device) if decode == "nvjpeg" else None
+        self.cpu_crops = CpuMultiCrop(num_workers) if crops == "opencv" else None
         self.epoch = 0
         if len(self) == 0:
             raise ValueError(f"{beton_path}: {self.num_images} images make no full batch of {batch_size} "
@@ -77,16 +145,21 @@ class MultiCropLoader:
     def iter_epoch(self, epoch, start_batch=0):
         """Batches start_batch, start_batch + 1, ... of epoch `epoch`, each the same as in a full run."""
         order = self._order(epoch)[start_batch * self.batch_size:]
-        device = self.crop_args["device"]
         batches = self.images.batches(order)
         for batch_index, (canvases, sizes, labels) in enumerate(batches, start=start_batch):
             generator = seeded_generator(self.seed, epoch, batch_index, self.rank)
-            crops = multicrop(canvases, sizes, generator, **self.crop_args)
-            yield crops, labels.to(device)
+            if self.gpu_decoder is not None:
+                canvases, sizes = self.gpu_decoder(canvases, sizes), sizes[:, :2]
+            if self.cpu_crops is not None:
+                crops = self.cpu_crops(canvases, sizes, generator, **self.crop_args)
+            else:
+                crops = multicrop(canvases, sizes, generator, device=self.device, **self.crop_args)
+            yield crops, labels.to(self.device)
 
     def _order(self, epoch):
         return epoch_order(self.num_images, self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
-                           world_size=self.world_size, drop_last=self.drop_last)
+                           world_size=self.world_size, drop_last=self.drop_last,
+                           pages=self.images.pages if self.order == "quasi_random" else None)
 
 
 class EvalLoader:
@@ -120,7 +193,7 @@ class EvalLoader:
 def multicrop_loader(beton_path, batch_size, **options):
     """DINO training loader over a .beton; `options` are MultiCropLoader's keyword arguments
     (n_local_crops=8, global_size=224, local_size=96, device, seed, rank, world_size, augment,
-    num_workers, drop_last, dtype)."""
+    num_workers, drop_last, dtype, decode, crops, order, os_cache, batches_ahead)."""
     return MultiCropLoader(beton_path, batch_size, **options)
 
 

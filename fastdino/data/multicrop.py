@@ -270,11 +270,59 @@ def normalize(x, mean, std, dtype=torch.float32):
 
 # ---------------------------------------------------------------- views of a batch
 
+def bicubic_filter(x, a=-0.5):
+    """PIL's bicubic kernel (a = -0.5), which torch's antialiased bicubic uses too."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resample_weights(start, length, full_length, out_size):
+    """Antialiased bicubic resampling of the spans [start, start + length) of an axis of `full_length`
+    pixels to `out_size` pixels, as matrices [N, out_size, full_length] (zero outside each span).
+
+    The weights are PIL's (and torch's antialias=True): the kernel is stretched by the
+    downscale factor, cut at the span's ends and renormalised, so resampling a crop
+    needs no copy of it: one matmul with these matrices per axis.
+    """
+    start, length = start.double()[:, None, None], length.double()[:, None, None]
+    scale = length / out_size
+    filter_scale = scale.clamp_min(1.0)
+    support = 2.0 * filter_scale
+    center = (torch.arange(out_size, dtype=torch.float64)[None, :, None] + 0.5) * scale
+    first = torch.floor(center - support + 0.5).clamp_min(0)  # PIL truncates; the same for the values >= 0 kept
+    end = torch.minimum(torch.floor(center + support + 0.5), length)
+    x = torch.arange(full_length, dtype=torch.float64)[None, None, :] - start
+    weights = bicubic_filter((x - center + 0.5) / filter_scale) * ((x >= first) & (x < end))
+    return (weights / weights.sum(dim=2, keepdim=True)).float()
+
+
+def resized_crops_matmul(canvases, boxes, size):
+    """RandomResizedCrop of V boxes per image as four batched matmuls, for GPUs.
+
+    canvases: [B, H, W, 3] (float or half, 0..255) on the device; boxes: long [V, B, 4]
+    (top, left, height, width) on the CPU. Returns float [V * B, 3, size, size] in 0..255,
+    view-major. Pixels outside an image's boxes get zero weight, so padding is never read.
+    """
+    n_views, batch = boxes.shape[:2]
+    _, height, width, _ = canvases.shape
+    flat = boxes.reshape(-1, 4)
+    rows = resample_weights(flat[:, 0], flat[:, 2], height, size).to(canvases.device, canvases.dtype)
+    cols = resample_weights(flat[:, 1], flat[:, 3], width, size).to(canvases.device, canvases.dtype)
+    rows = rows.view(n_views, batch, size, height).transpose(0, 1).reshape(batch, n_views * size, height)
+    # [B, V*S, H] @ [B, H, W*3]: every view's rows at once, sharing each image
+    resized_rows = (rows @ canvases.reshape(batch, height, width * 3)).view(batch, n_views, size, width, 3)
+    resized_rows = resized_rows.transpose(0, 1).permute(0, 1, 2, 4, 3).reshape(n_views * batch, size * 3, width)
+    out = resized_rows @ cols.transpose(1, 2)  # [V*B, S*3, W] @ [V*B, W, S]
+    return out.view(n_views * batch, size, 3, size).permute(0, 2, 1, 3).float()
+
+
 def resized_crops(canvases, sizes, view_boxes, view_sizes):
     """Crops boxes out of each image and resizes them: one float [B, 3, s, s] in [0, 1] per view.
 
-    Each image is converted to float once and shared by all its crops; crops differ
-    in size, so each is its own F.interpolate call.
+    The CPU reference: each image is converted to float once and shared by all its
+    crops; crops differ in size, so each is its own F.interpolate call.
     """
     views = [canvases.new_empty((len(sizes), 3, s, s), dtype=torch.float32) for s in view_sizes]
     view_boxes = [boxes.tolist() for boxes in view_boxes]
@@ -286,22 +334,59 @@ def resized_crops(canvases, sizes, view_boxes, view_sizes):
     return [view.clamp_(0, 255).div_(255) for view in views]
 
 
+def view_specs(n_local_crops, global_size, local_size, params):
+    """(output size, scale range, blur probability, solarize probability) of each view, in the official order."""
+    specs = [(global_size, params.global_scale, params.blur_p[0], params.solarize_p[0]),
+             (global_size, params.global_scale, params.blur_p[1], params.solarize_p[1])]
+    return specs + [(local_size, params.local_scale, params.blur_p[2], params.solarize_p[2])] * n_local_crops
+
+
+def draw_views(sizes, generator, *, n_local_crops, global_size, local_size, params):
+    """Every random choice for a batch, view by view in the official order, from one CPU generator:
+    the same seed gives the same boxes and choices on every device and code path."""
+    return [draw_view(sizes, scale, blur_p, solarize_p, params, generator)
+            for _, scale, blur_p, solarize_p in view_specs(n_local_crops, global_size, local_size, params)]
+
+
+def _cat_draws(draws):
+    return ViewDraws(*(torch.cat([getattr(d, f.name) for d in draws]) for f in dataclasses.fields(ViewDraws)))
+
+
 def multicrop(canvases, sizes, generator, *, n_local_crops=8, global_size=224, local_size=96,
               params=None, device="cpu", dtype=torch.float32):
     """DINO's views of a batch of decoded images: [global1, global2, local1, ..., localN].
 
-    canvases: uint8 [B, max_h, max_w, 3] with image i in its top-left sizes[i] = (h, w);
-    sizes: long [B, 2] on the CPU. Returns normalised `dtype` tensors [B, 3, s, s] on `device`.
+    canvases: uint8 [B, max_h, max_w, 3] with image i in its top-left sizes[i] = (h, w),
+    on any device; sizes: long [B, 2] on the CPU. Returns normalised `dtype` tensors
+    [B, 3, s, s] on `device`. On a GPU the crops of a size are resampled together
+    (resized_crops_matmul) and augmented together; on the CPU this is the float
+    reference of the OpenCV path (cpu_crops.py).
     """
     params = augment_params(params)
-    view_specs = [(global_size, params.global_scale, params.blur_p[0], params.solarize_p[0]),
-                  (global_size, params.global_scale, params.blur_p[1], params.solarize_p[1])]
-    view_specs += [(local_size, params.local_scale, params.blur_p[2], params.solarize_p[2])] * n_local_crops
-    draws = [draw_view(sizes, scale, blur_p, solarize_p, params, generator)
-             for _, scale, blur_p, solarize_p in view_specs]
+    device = torch.device(device)
+    specs = view_specs(n_local_crops, global_size, local_size, params)
+    draws = draw_views(sizes, generator, n_local_crops=n_local_crops, global_size=global_size,
+                       local_size=local_size, params=params)
     canvases = canvases.to(device, non_blocking=True)
-    views = resized_crops(canvases, sizes, [d.boxes for d in draws], [spec[0] for spec in view_specs])
-    return [normalize(augment_view(view, d, params), params.mean, params.std, dtype) for view, d in zip(views, draws)]
+    batch = len(sizes)
+    if device.type == "cuda":
+        pixels = canvases.half()  # integers 0..255 are exact in half; matmuls accumulate in fp32
+        groups = []
+        for size in dict.fromkeys(spec[0] for spec in specs):  # globals, then locals (if another size)
+            members = [v for v, spec in enumerate(specs) if spec[0] == size]
+            boxes = torch.stack([draws[v].boxes for v in members])
+            crops = resized_crops_matmul(pixels, boxes, size).clamp_(0, 255).div_(255)
+            groups.append((members, crops))
+    else:
+        views = resized_crops(canvases, sizes, [d.boxes for d in draws], [spec[0] for spec in specs])
+        groups = [([v], view) for v, view in enumerate(views)]
+    out = [None] * len(specs)
+    for members, crops in groups:
+        crops = normalize(augment_view(crops, _cat_draws([draws[v] for v in members]), params),
+                          params.mean, params.std, dtype)
+        for k, v in enumerate(members):
+            out[v] = crops[k * batch: (k + 1) * batch]
+    return out
 
 
 def center_crops(canvases, sizes, size, device="cpu", dtype=torch.float32):
