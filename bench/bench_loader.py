@@ -3,10 +3,14 @@
     (a) pil       what the official DataAugmentationDINO does, in PIL, with worker processes
                   (JPEG decode, RandomResizedCrop bicubic, flip, colour jitter in random order,
                   grayscale, Gaussian blur, solarize, to float and normalise), no torchvision
-    (b) fastdino  fastdino.data.multicrop_loader on the CPU (FFCV decode + batched tensor ops)
+    (b) fastdino  fastdino.data.multicrop_loader on the CPU (FFCV decode + OpenCV uint8 crops in threads)
+    (c) gpu       fastdino.data.multicrop_loader on a CUDA GPU (nvJPEG decode + batched tensor crops, bf16),
+                  where a GPU is present
 
 Both read the same JPEGs (scikit-image's sample photos, randomly cropped and resized up to
-512 px, written once) and produce 2 global + N local crops per image. Cores used is
+512 px, written once) and produce 2 global + N local crops per image. Each pipeline is set up
+once (the loader; PIL's worker pool lives for a pass, as its CPU time is counted when its
+workers end), warmed up by one pass, then timed over one pass. Cores used is
 (process + children CPU time) / wall time, so img/s per core compares the work per core.
 
     python bench/bench_loader.py                      # 2 x 224 + 10 x 96, 512 images
@@ -45,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="PIL worker processes / FFCV threads")
-    p.add_argument("--only", choices=["pil", "fastdino"], help="run one pipeline")
+    p.add_argument("--only", choices=["pil", "fastdino", "gpu"], help="run one pipeline")
     p.add_argument("--json", metavar="FILE", help="append one JSON row per measurement to bench/results/FILE")
     return p.parse_args(argv)
 
@@ -137,6 +141,8 @@ def official_crops(job: tuple[str, int, int, int, int]) -> list[np.ndarray]:
 
 
 def run_pil(paths: list[Path], args) -> int:
+    """One pass; the pool lives for the pass, so its workers' CPU time is counted once they are reaped
+    (forking them costs milliseconds)."""
     jobs = [(str(p), i, args.local_crops, args.global_size, args.local_size) for i, p in enumerate(paths)]
     with Pool(args.workers) as pool:
         done = 0
@@ -147,15 +153,21 @@ def run_pil(paths: list[Path], args) -> int:
 
 
 # ---- (b) fastdino ------------------------------------------------------------------------------
-def run_fastdino(beton: Path, args) -> int:
+def fastdino_loader(beton: Path, args, device: str):
     from fastdino.data import multicrop_loader
 
-    loader = multicrop_loader(beton, args.batch_size, n_local_crops=args.local_crops, global_size=args.global_size,
-                              local_size=args.local_size, num_workers=args.workers, drop_last=False)
+    return multicrop_loader(beton, args.batch_size, n_local_crops=args.local_crops, global_size=args.global_size,
+                            local_size=args.local_size, num_workers=args.workers, drop_last=False, device=device,
+                            dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+
+
+def run_fastdino(loader) -> int:
     done = 0
     for crops, _labels in loader:
         done += crops[0].shape[0]
-        assert len(crops) == 2 + args.local_crops
+        assert len(crops) == 2 + loader.crop_args["n_local_crops"]
+    if loader.device.type == "cuda":
+        torch.cuda.synchronize()
     return done
 
 
@@ -165,7 +177,8 @@ def cpu_seconds() -> float:
 
 
 def measure(name: str, run) -> dict:
-    run()  # warm-up: FFCV's JIT compile, worker start-up, page cache
+    """Times one pass over the images after a warm-up pass (FFCV's JIT compile, CUDA start, page cache)."""
+    run()
     wall0, cpu0 = time.perf_counter(), cpu_seconds()
     images = run()
     wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
@@ -190,8 +203,13 @@ def main(argv=None) -> None:
             rows.append(measure("pil (official DataAugmentationDINO recipe, worker processes)",
                                 lambda: run_pil(paths, args)))
         if args.only in (None, "fastdino"):
-            rows.append(measure("fastdino CPU (FFCV decode + batched tensor multi-crop)",
-                                lambda: run_fastdino(beton, args)))
+            loader = fastdino_loader(beton, args, "cpu")
+            rows.append(measure("fastdino CPU (FFCV decode + OpenCV uint8 multi-crop threads)",
+                                lambda: run_fastdino(loader)))
+        if args.only in (None, "gpu") and torch.cuda.is_available():
+            loader = fastdino_loader(beton, args, "cuda")
+            rows.append(measure(f"fastdino GPU ({loader.decode} decode + batched tensor multi-crop, bf16)",
+                                lambda: run_fastdino(loader)))
     crops = f"2 x {args.global_size} + {args.local_crops} x {args.local_size}"
     print(f"\nmulti-crop loading, {crops} px crops, {args.images} JPEGs (256-512 px), {args.workers} workers, "
           f"{os.cpu_count()} CPU cores")
@@ -199,11 +217,14 @@ def main(argv=None) -> None:
     for row in rows:
         print(f"{row['pipeline']:<62} {row['img_per_s']:>8.1f} {row['cores_used']:>6.2f} "
               f"{row['img_per_s_per_core']:>11.1f}")
-    if len(rows) == 2:
-        print(f"fastdino / pil per core: {rows[1]['img_per_s_per_core'] / rows[0]['img_per_s_per_core']:.2f}x")
+    if len(rows) >= 2 and rows[0]["pipeline"].startswith("pil"):
+        print(f"fastdino CPU / pil per core: {rows[1]['img_per_s_per_core'] / rows[0]['img_per_s_per_core']:.2f}x")
     if args.json:
         RESULTS_DIR.mkdir(exist_ok=True)
-        base = {"device": f"CPU, {os.cpu_count()} cores", "torch": torch.__version__, "triton": triton.__version__,
+        device = f"CPU, {os.cpu_count()} cores"
+        if torch.cuda.is_available():
+            device += f", {torch.cuda.get_device_name()}"
+        base = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.date.today().isoformat(),
                 "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])}
         with open(RESULTS_DIR / args.json, "a") as f:

@@ -9,6 +9,7 @@ uint8 between steps too. Normalisation to float is one batched op per view.
 multicrop.py's float tensor code is this path's reference (and the GPU path).
 """
 import dataclasses
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastdino.data.multicrop import ViewDraws, augment_params, draw_views, pil_box_blur_kernels, view_specs
+from fastdino.data.multicrop import ViewDraws, augment_params, draw_views, view_specs
 
 SOLARIZE_TABLE = np.where(np.arange(256) >= 128, 255 - np.arange(256), np.arange(256)).astype(np.uint8)
 
@@ -58,8 +59,12 @@ JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def three_pass_kernel(sigma):
-    """PIL's GaussianBlur(radius=sigma) is three passes of one extended-box kernel: its 1-D self-convolution."""
-    box = pil_box_blur_kernels(torch.tensor([sigma]))[0].double().numpy()
+    """PIL's GaussianBlur(radius=sigma) is three passes of one extended box (see
+    multicrop.pil_box_blur_kernels): here the box convolved with itself, one 1-D kernel."""
+    var = sigma ** 2 / 3
+    l = math.floor((math.sqrt(12 * var + 1) - 1) / 2)
+    a = (2 * l + 1) * (l * (l + 1) - 3 * var) / (6 * (var - (l + 1) ** 2))
+    box = np.concatenate([[a], np.ones(2 * l + 1), [a]]) / (2 * l + 1 + 2 * a)
     return np.convolve(np.convolve(box, box), box).astype(np.float32)
 
 
@@ -102,21 +107,24 @@ class CpuMultiCrop:
         draws = draw_views(sizes, generator, n_local_crops=n_local_crops, global_size=global_size,
                            local_size=local_size, params=params)
         batch = len(sizes)
-        views = [np.empty((batch, size, size, 3), np.uint8) for size, *_ in specs]
+        views = [np.empty((batch, 3, size, size), np.float32) for size, *_ in specs]
         canvases = canvases.numpy()
         draws = [ViewDraws(**{f.name: getattr(d, f.name).tolist() for f in dataclasses.fields(d)}) for d in draws]
         strengths = (params.brightness, params.contrast, params.saturation, params.hue)
+        # (x / 255 - mean) / std = x * scale + shift, per channel
+        scales = [1 / (255 * s) for s in params.std]
+        shifts = [-m / s for m, s in zip(params.mean, params.std)]
 
         def crop_image(i, height, width):
             image = canvases[i, :height, :width]
             for view, view_draws in zip(views, draws):
-                view[i] = augment_crop(resize_crop(image, view_draws.boxes[i], view.shape[1]), i, view_draws, strengths)
+                crop = augment_crop(resize_crop(image, view_draws.boxes[i], view.shape[2]), i, view_draws, strengths)
+                for channel, plane in enumerate(cv2.split(crop)):  # uint8 HWC -> normalised float CHW
+                    cv2.addWeighted(plane, scales[channel], plane, 0.0, shifts[channel], dst=view[i, channel],
+                                    dtype=cv2.CV_32F)
 
         list(self.pool.map(crop_image, range(batch), *zip(*sizes.tolist())))
-        # (x / 255 - mean) / std = x * scale + shift, per channel, on [B, 3, s, s] in one pass
-        scale = torch.tensor([1 / (255 * s) for s in params.std]).view(1, 3, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(params.mean, params.std)]).view(1, 3, 1, 1)
-        return [torch.addcmul(shift, torch.from_numpy(view).permute(0, 3, 1, 2), scale).to(dtype) for view in views]
+        return [torch.from_numpy(view).to(dtype) for view in views]
 
     def close(self):
         self.pool.shutdown(wait=False)
