@@ -353,14 +353,14 @@ def _cat_draws(draws):
 
 
 def multicrop(canvases, sizes, generator, *, n_local_crops=8, global_size=224, local_size=96,
-              params=None, device="cpu", dtype=torch.float32):
+              params=None, device="cpu", dtype=torch.float32, batched_resize=None):
     """DINO's views of a batch of decoded images: [global1, global2, local1, ..., localN].
 
     canvases: uint8 [B, max_h, max_w, 3] with image i in its top-left sizes[i] = (h, w),
     on any device; sizes: long [B, 2] on the CPU. Returns normalised `dtype` tensors
-    [B, 3, s, s] on `device`. On a GPU the crops of a size are resampled together
-    (resized_crops_matmul) and augmented together; on the CPU this is the float
-    reference of the OpenCV path (cpu_crops.py).
+    [B, 3, s, s] on `device`. batched_resize (default: on GPUs) resamples the crops of
+    a size together (resized_crops_matmul) and augments them together; otherwise each
+    crop is its own F.interpolate, the float reference of the OpenCV path (cpu_crops.py).
     """
     params = augment_params(params)
     device = torch.device(device)
@@ -369,8 +369,9 @@ def multicrop(canvases, sizes, generator, *, n_local_crops=8, global_size=224, l
                        local_size=local_size, params=params)
     canvases = canvases.to(device, non_blocking=True)
     batch = len(sizes)
-    if device.type == "cuda":
-        pixels = canvases.half()  # integers 0..255 are exact in half; matmuls accumulate in fp32
+    if device.type == "cuda" if batched_resize is None else batched_resize:
+        # integers 0..255 are exact in half, and GPU matmuls accumulate in fp32
+        pixels = canvases.half() if device.type == "cuda" else canvases.float()
         groups = []
         for size in dict.fromkeys(spec[0] for spec in specs):  # globals, then locals (if another size)
             members = [v for v, spec in enumerate(specs) if spec[0] == size]
