@@ -18,7 +18,9 @@ from ffcv.writer import DatasetWriter
 from omegaconf import OmegaConf
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from fastdino.cli import main as fastdino_main
 from fastdino.data import DataError, convert_folder, eval_loader, multicrop_loader
+from fastdino.data.convert import load_rgb
 from fastdino.data import multicrop as mc
 from fastdino.data.decode import BetonImages, _wait_for_batch
 from fastdino.data.loader import epoch_order, seeded_generator
@@ -62,11 +64,13 @@ def photo_folder(tmp_path_factory):
     palette.save(odd / "y_palette.png")
     sixteen = gray.astype(np.uint16) * 257
     Image.fromarray(sixteen).save(odd / "y_sixteen.png")
+    Image.fromarray(chelsea).convert("CMYK").save(odd / "z_cmyk.jpg", quality=98)  # a print shop's JPEG
     expected += [("coffee/x_exif6.jpg", np.rot90(chelsea, k=-1), 1),
                  ("coffee/y_gray.png", np.dstack([gray] * 3), 1),
                  ("coffee/y_palette.png", np.asarray(palette.convert("RGB")), 1),
                  ("coffee/y_rgba.png", chelsea, 1),
-                 ("coffee/y_sixteen.png", np.dstack([gray] * 3), 1)]
+                 ("coffee/y_sixteen.png", np.dstack([gray] * 3), 1),
+                 ("coffee/z_cmyk.jpg", chelsea, 1)]
     expected.sort(key=lambda item: item[0])
 
     jpeg = (root / "astronaut" / "crop0.jpg").read_bytes()
@@ -109,7 +113,7 @@ def train_loader(converted):
 
 def test_convert_report(converted):
     path, report, expected = converted
-    assert report["written"] == len(expected) == 17
+    assert report["written"] == len(expected) == 18
     assert report["classes"] == ["astronaut", "coffee"]
     reasons = {entry["path"].rsplit("/", 1)[-1]: entry["reason"] for entry in report["skipped"]}
     assert set(reasons) == set(BAD_FILES) | {"loose.png"}
@@ -137,6 +141,60 @@ def test_convert_caps_resolution_and_flat_folder(tmp_path):
     assert (images.heights[0], images.widths[0], images.labels[0]) == (67, 100, -1)
 
 
+def test_convert_default_resolution_raw_storage_and_quality(tmp_path):
+    (tmp_path / "flat").mkdir()
+    source = tmp_path / "flat" / "rocket.png"
+    Image.fromarray(PHOTOS["rocket"]).save(source)  # 427 x 640
+    out = tmp_path / "out"
+    convert_folder(tmp_path / "flat", out / "raw.beton", storage="raw", num_workers=1, progress=False)
+    images = BetonImages(out / "raw.beton", batch_size=1)
+    assert (images.heights[0], images.widths[0]) == (342, 512)  # longer side capped at 512 by default
+    assert not images.is_jpeg[0]
+    (canvas, sizes, _), = images.batches([0])
+    assert np.array_equal(canvas[0, :342, :512].numpy(), load_rgb(source, 512))  # raw: exactly the pixels
+    with pytest.raises(DataError, match="storage must be"):
+        convert_folder(tmp_path / "flat", out / "x.beton", storage="png")
+    sizes = {}
+    for quality in (30, 95):
+        path = out / f"q{quality}.beton"
+        convert_folder(tmp_path / "flat", path, jpeg_quality=quality, num_workers=1, progress=False)
+        sizes[quality] = int(BetonImages(path, batch_size=1).stored_lengths[0])
+    assert sizes[30] < sizes[95] / 2 < sizes[95] < 3 * 342 * 512  # JPEG quality is applied
+
+
+def test_convert_file_list(photo_folder, tmp_path):
+    src, _ = photo_folder
+    lines = ["# images and labels", f"{src}/astronaut/crop1.jpg 3", "", f"{src}/coffee/crop 2.jpg",
+             f"{src}/coffee/z_cmyk.jpg -1", f"{src}/coffee/notes.txt 1", "missing.jpg 0"]
+    Image.open(src / "coffee" / "crop2.jpg").save(src / "coffee" / "crop 2.jpg")  # a space in the name
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    report = convert_folder(tmp_path / "list.txt", tmp_path / "list.beton", num_workers=2, progress=False)
+    (src / "coffee" / "crop 2.jpg").unlink()
+    assert report["written"] == 3 and report["classes"] == []
+    reasons = {entry["path"].rsplit("/", 1)[-1]: entry["reason"] for entry in report["skipped"]}
+    assert set(reasons) == {"notes.txt", "missing.jpg"} and "no such file (line 7" in reasons["missing.jpg"]
+    assert BetonImages(tmp_path / "list.beton", batch_size=1).labels.tolist() == [3, -1, -1]
+
+
+def test_convert_command_exit_codes(photo_folder, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"\xff\xd8garbage")
+    assert fastdino_main(["data", "convert", str(bad), str(tmp_path / "bad.beton"), "--workers", "1"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert error.startswith("fastdino: error: no image")
+    assert not (tmp_path / "bad.beton").exists()
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(PHOTOS["chelsea"]).save(good / "cat.jpg")
+    (good / "broken.jpg").write_bytes(b"")
+    args = ["data", "convert", str(good), str(tmp_path / "good.beton"), "--workers", "2", "--max-resolution", "64",
+            "--jpeg-quality", "80", "--storage", "jpg"]
+    assert fastdino_main(args) == 0  # something written: success, the skipped file is in the report
+    assert "wrote 1 images" in capsys.readouterr().out
+    assert json.loads((tmp_path / "good.beton.report.json").read_text())["skipped"][0]["reason"] == "empty file"
+
+
 def test_convert_nothing_writable(tmp_path):
     src = tmp_path / "bad"
     src.mkdir()
@@ -147,7 +205,7 @@ def test_convert_nothing_writable(tmp_path):
     with pytest.raises(DataError, match="no image .* could be converted") as error:
         convert_folder(src, out / "x.beton", num_workers=1, progress=False)
     assert "\n" not in str(error.value) and list(out.iterdir()) == []
-    with pytest.raises(DataError, match="no such image folder"):
+    with pytest.raises(DataError, match="no such image folder or file list"):
         convert_folder(tmp_path / "missing", out / "x.beton")
 
 
@@ -345,11 +403,11 @@ def test_multicrop_views_and_determinism(decoded):
 # ---------------------------------------------------------------- loaders
 
 def test_loader_shapes_and_labels(train_loader, decoded):
-    assert train_loader.num_images == 17 and len(train_loader) == 4
+    assert train_loader.num_images == 18 and len(train_loader) == 4
     labels = torch.tensor([label for _, label in decoded])
     batches = list(train_loader)
     assert len(batches) == 4
-    order = torch.from_numpy(epoch_order(17, 4, seed=7, epoch=0, rank=0, world_size=1))
+    order = torch.from_numpy(epoch_order(18, 4, seed=7, epoch=0, rank=0, world_size=1))
     for b, (crops, batch_labels) in enumerate(batches):
         assert [tuple(c.shape) for c in crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
         assert all(c.dtype == torch.float32 for c in crops)
@@ -397,7 +455,7 @@ def test_loader_rank_shard(converted, decoded):
                                   num_workers=2)
         assert len(loader) == 4
         labels = torch.tensor([label for _, label in decoded])
-        order = torch.from_numpy(epoch_order(17, 2, seed=7, epoch=0, rank=1, world_size=2))
+        order = torch.from_numpy(epoch_order(18, 2, seed=7, epoch=0, rank=1, world_size=2))
         seen = torch.cat([batch_labels for crops, batch_labels in loader])
         assert len(next(iter(loader))[0]) == 2 and torch.equal(seen, labels[order])
         assert torch.get_num_threads() == 1  # FFCV's num_workers did not leak into torch
@@ -407,9 +465,9 @@ def test_loader_rank_shard(converted, decoded):
 
 def test_eval_loader(converted, decoded):
     loader = eval_loader(converted[0], 5, size=32, rank=1, world_size=2)
-    assert len(loader) == 2  # rank 1 reads images 9..16: batches of 5 and 3
+    assert len(loader) == 2  # rank 1 reads images 9..17: batches of 5 and 4
     batches = list(loader)
-    assert [tuple(images.shape) for images, _ in batches] == [(5, 3, 32, 32), (3, 3, 32, 32)]
+    assert [tuple(images.shape) for images, _ in batches] == [(5, 3, 32, 32), (4, 3, 32, 32)]
     assert torch.cat([labels for _, labels in batches]).tolist() == [label for _, label in decoded[9:]]
     # torchvision's Resize(36) + CenterCrop(32) in PIL, on the decoded pixels
     image = Image.fromarray(decoded[10][0])  # 45 x 80 (h x w) -> 36 x 64 -> 32 x 32 at (2, 16)
