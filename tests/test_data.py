@@ -7,6 +7,8 @@ import colorsys
 import json
 import queue
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -461,6 +463,59 @@ def test_loader_rank_shard(converted, decoded):
         assert torch.get_num_threads() == 1  # FFCV's num_workers did not leak into torch
     finally:
         torch.set_num_threads(threads)
+
+
+def test_quasi_random_order():
+    pages = np.repeat(np.arange(40), 10)  # 400 images, 10 per storage page
+    shards = [epoch_order(400, 8, seed=0, epoch=2, rank=r, world_size=2, pages=pages) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 200 and sorted(np.concatenate(shards)) == list(range(400))
+    for shard in shards:
+        assert len(set(pages[shard])) <= 24  # a rank reads about half the pages (its page groups)
+        for start in range(0, 200, 80):  # images mix only within groups of 8 pages...
+            assert len(set(pages[shard[start: start + 80]])) <= 16
+        assert not np.array_equal(shard, np.sort(shard))  # ...but in random order within them
+    again = epoch_order(400, 8, seed=0, epoch=2, rank=0, world_size=2, pages=pages)
+    other_epoch = epoch_order(400, 8, seed=0, epoch=3, rank=0, world_size=2, pages=pages)
+    assert np.array_equal(again, shards[0]) and not np.array_equal(other_epoch, shards[0])
+    dropped = epoch_order(403, 8, seed=0, epoch=0, rank=1, world_size=2, pages=np.repeat(np.arange(31), 13))
+    assert len(dropped) == 200
+
+
+LOADER_OPTIONS = dict(n_local_crops=2, global_size=24, local_size=16, seed=3)
+PROCESS_CACHE_EPOCH = """
+import sys, torch
+from fastdino.data import multicrop_loader
+loader = multicrop_loader(sys.argv[1], 4, os_cache=False, batches_ahead=1, **{options})
+torch.save(list(loader.iter_epoch(0)), sys.argv[2])
+"""
+
+
+def test_loader_options_keep_the_batches(converted, tmp_path):
+    def epoch(**options):
+        return list(multicrop_loader(converted[0], 4, **LOADER_OPTIONS, **options).iter_epoch(0))
+
+    def same(batches, other):
+        return len(batches) == len(other) and all(
+            torch.equal(labels, labels2) and all(torch.equal(a, b) for a, b in zip(crops, crops2))
+            for (crops, labels), (crops2, labels2) in zip(batches, other))
+
+    reference = epoch()
+    # one decode thread and one batch in flight change the timing, not the batches
+    assert same(reference, epoch(num_workers=1, batches_ahead=1))
+    # FFCV's own page reader instead of the OS page cache: in a process of its own, since FFCV's two
+    # memory managers retype a shared numba array type, and a process that built both can hang
+    script = PROCESS_CACHE_EPOCH.format(options=LOADER_OPTIONS)
+    subprocess.run([sys.executable, "-c", script, str(converted[0]), str(tmp_path / "epoch.pt")], check=True,
+                   timeout=300)
+    assert same(reference, torch.load(tmp_path / "epoch.pt"))
+    # the torch twin of the OpenCV path: same images, same choices, pixels within uint8 rounding
+    for (crops, labels), (crops2, labels2) in zip(reference, epoch(crops="torch")):
+        assert torch.equal(labels, labels2)
+        assert all((a - b).abs().mean() < 0.03 for a, b in zip(crops, crops2))
+    quasi = multicrop_loader(converted[0], 4, n_local_crops=0, global_size=16, order="quasi_random", drop_last=False)
+    assert sorted(torch.cat([labels for _, labels in quasi]).tolist()) == sorted(quasi.images.labels.tolist())
+    with pytest.raises(ValueError, match="order must be one of"):
+        multicrop_loader(converted[0], 4, order="sequential")
 
 
 def test_eval_loader(converted, decoded):

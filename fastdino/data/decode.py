@@ -117,8 +117,10 @@ class BetonImages:
     `convert_folder` writes them; other fields are ignored. stored_bytes=True yields
     each image's stored bytes instead of pixels (for the GPU decoder). os_cache: read
     through the OS page cache (memory-mapped file; best when the data set fits in RAM)
-    rather than FFCV's own page reads. batches_ahead: batches FFCV prepares in advance,
-    which bounds the memory in flight.
+    rather than FFCV's own page reads; keep to one setting per process (FFCV's two memory
+    managers retype a numba array type they share, and a process that built loaders
+    with both can hang in numba's compiler). batches_ahead: batches FFCV prepares in
+    advance, which bounds the memory in flight.
     """
 
     def __init__(self, path, batch_size, num_workers=2, *, stored_bytes=False, os_cache=True, batches_ahead=3):
