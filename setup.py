@@ -27,6 +27,7 @@ setup(
         "scikit-learn",  # ships the digits data set the demo trains on
         "scikit-image",  # ships the sample photos the demo draws attention maps for
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    # gpu: batched JPEG decode on the GPU (nvJPEG through nvImageCodec, CUDA 13 wheels)
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"], "gpu": ["nvidia-nvimgcodec-cu13"]},
     entry_points={"console_scripts": ["fastdino=fastdino.cli:main"]},
 )

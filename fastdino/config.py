@@ -66,6 +66,11 @@ class DataConfig:
     n_local_crops: int = MISSING
     global_size: int = MISSING
     local_size: int = MISSING
+    decode: str = MISSING
+    crops: str = MISSING
+    order: str = MISSING
+    os_cache: bool = MISSING
+    batches_ahead: int = MISSING
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
