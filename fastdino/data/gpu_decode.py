@@ -26,14 +26,16 @@ def nvimgcodec_unavailable(device):
 class NvJpegDecoder:
     """Decodes batches of `BetonImages(stored_bytes=True)` rows on one GPU."""
 
-    def __init__(self, device):
+    def __init__(self, device, cpu_threads=2):
         device = torch.device(device)
         if reason := nvimgcodec_unavailable(device):
             raise RuntimeError(f"GPU JPEG decode unavailable: {reason}")
         from nvidia import nvimgcodec
 
+        self.nvimgcodec = nvimgcodec
         self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-        self.decoder = nvimgcodec.Decoder(device_id=self.device.index)
+        # nvJPEG parses headers and Huffman-decodes small images on CPU threads: bound them
+        self.decoder = nvimgcodec.Decoder(device_id=self.device.index, max_num_cpu_threads=cpu_threads)
 
     def __call__(self, rows, sizes):
         """rows: uint8 [B, max_bytes] (CPU); sizes: long [B, 4] as (height, width, byte count, is JPEG).
@@ -44,8 +46,9 @@ class NvJpegDecoder:
         jpegs = [i for i, s in enumerate(sizes) if s[3]]
         stream = torch.cuda.current_stream(self.device)
         if jpegs:
-            decoded = self.decoder.decode([rows[i, : sizes[i][2]].tobytes() for i in jpegs],
-                                          cuda_stream=stream.cuda_stream)
+            # copies: FFCV reuses its row buffers while the GPU may still be reading
+            streams = [self.nvimgcodec.CodeStream(np.array(rows[i, : sizes[i][2]])) for i in jpegs]
+            decoded = self.decoder.decode(streams, cuda_stream=stream.cuda_stream)
             for i, image in zip(jpegs, decoded):
                 if image is None:
                     raise RuntimeError(f"nvJPEG could not decode image {i} of the batch")

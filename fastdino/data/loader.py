@@ -118,7 +118,7 @@ class MultiCropLoader:
         self.device, self.decode, self.crops = device, decode, crops
         self.crop_args = dict(n_local_crops=n_local_crops, global_size=global_size, local_size=local_size,
                               params=augment_params(augment), dtype=dtype)
-        self.gpu_decoder = NvJpegDecoder(device) if decode == "nvjpeg" else None
+        self.gpu_decoder = NvJpegDecoder(device, num_workers) if decode == "nvjpeg" else None
         self.cpu_crops = CpuMultiCrop(num_workers) if crops == "opencv" else None
         self.epoch = 0
         if len(self) == 0:

@@ -278,24 +278,26 @@ def bicubic_filter(x, a=-0.5):
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def resample_weights(start, length, full_length, out_size):
+def resample_weights(start, length, full_length, out_size, device="cpu"):
     """Antialiased bicubic resampling of the spans [start, start + length) of an axis of `full_length`
-    pixels to `out_size` pixels, as matrices [N, out_size, full_length] (zero outside each span).
+    pixels to `out_size` pixels, as matrices [N, out_size, full_length] (zero outside each span), built
+    on `device`.
 
     The weights are PIL's (and torch's antialias=True): the kernel is stretched by the
     downscale factor, cut at the span's ends and renormalised, so resampling a crop
     needs no copy of it: one matmul with these matrices per axis.
     """
-    start, length = start.double()[:, None, None], length.double()[:, None, None]
+    start = start.to(device, torch.float32)[:, None, None]
+    length = length.to(device, torch.float32)[:, None, None]
     scale = length / out_size
     filter_scale = scale.clamp_min(1.0)
     support = 2.0 * filter_scale
-    center = (torch.arange(out_size, dtype=torch.float64)[None, :, None] + 0.5) * scale
+    center = (torch.arange(out_size, dtype=torch.float32, device=device)[None, :, None] + 0.5) * scale
     first = torch.floor(center - support + 0.5).clamp_min(0)  # PIL truncates; the same for the values >= 0 kept
     end = torch.minimum(torch.floor(center + support + 0.5), length)
-    x = torch.arange(full_length, dtype=torch.float64)[None, None, :] - start
+    x = torch.arange(full_length, dtype=torch.float32, device=device)[None, None, :] - start
     weights = bicubic_filter((x - center + 0.5) / filter_scale) * ((x >= first) & (x < end))
-    return (weights / weights.sum(dim=2, keepdim=True)).float()
+    return weights / weights.sum(dim=2, keepdim=True)
 
 
 def resized_crops_matmul(canvases, boxes, size):
@@ -307,9 +309,9 @@ def resized_crops_matmul(canvases, boxes, size):
     """
     n_views, batch = boxes.shape[:2]
     _, height, width, _ = canvases.shape
-    flat = boxes.reshape(-1, 4)
-    rows = resample_weights(flat[:, 0], flat[:, 2], height, size).to(canvases.device, canvases.dtype)
-    cols = resample_weights(flat[:, 1], flat[:, 3], width, size).to(canvases.device, canvases.dtype)
+    flat = boxes.reshape(-1, 4).to(canvases.device, non_blocking=True)
+    rows = resample_weights(flat[:, 0], flat[:, 2], height, size, canvases.device).to(canvases.dtype)
+    cols = resample_weights(flat[:, 1], flat[:, 3], width, size, canvases.device).to(canvases.dtype)
     rows = rows.view(n_views, batch, size, height).transpose(0, 1).reshape(batch, n_views * size, height)
     # [B, V*S, H] @ [B, H, W*3]: every view's rows at once, sharing each image
     resized_rows = (rows @ canvases.reshape(batch, height, width * 3)).view(batch, n_views, size, width, 3)
