@@ -56,5 +56,5 @@ class NvJpegDecoder:
         for i, (height, width, length, is_jpeg) in enumerate(sizes):
             if not is_jpeg:
                 pixels = torch.from_numpy(np.ascontiguousarray(rows[i, :length])).view(height, width, 3)
-                canvases[i, :height, :width] = pixels.to(self.device, non_blocking=False)
+                canvases[i, :height, :width] = pixels.to(self.device, non_blocking=True)
         return canvases

@@ -154,7 +154,7 @@ class MultiCropLoader:
                 crops = self.cpu_crops(canvases, sizes, generator, **self.crop_args)
             else:
                 crops = multicrop(canvases, sizes, generator, device=self.device, **self.crop_args)
-            yield crops, labels.to(self.device)
+            yield crops, labels.to(self.device, non_blocking=True)
 
     def _order(self, epoch):
         return epoch_order(self.num_images, self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,

@@ -144,13 +144,23 @@ def draw_view(sizes, scale, blur_p, solarize_p, params, generator):
 
 # ---------------------------------------------------------------- pixel ops ([N, 3, H, W] in [0, 1])
 
+def to_device(tensor, device):
+    """A small CPU tensor on `device` without a host sync: a blocking copy to a GPU would wait for
+    all queued GPU work, while an asynchronous one from pageable memory is staged at once."""
+    return tensor.to(device, non_blocking=True)
+
+
+def channel_constants(values, like):
+    return to_device(torch.tensor(values, dtype=like.dtype), like.device).view(1, 3, 1, 1)
+
+
 def resize(image, size):
     """uint8 or float [1, 3, h, w] in 0..255 -> float [1, 3, *size] in 0..255, bicubic with antialias (as PIL)."""
     return F.interpolate(image.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
 
 
 def grayscale(x):
-    weights = x.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
+    weights = channel_constants(LUMA_WEIGHTS, x)
     return (x * weights).sum(dim=1, keepdim=True)
 
 
@@ -177,7 +187,7 @@ def adjust_hue(x, shift):
                        torch.where(value == g, 2 + (b - r) / safe_chroma, 4 + (r - g) / safe_chroma))
     hue6 = torch.remainder(hue6 + 6 * shift.view(-1, 1, 1), 6)
     # HSV -> RGB: channel c = V - C * clamp(min(k, 4 - k), 0, 1), k = (n_c + H6) mod 6, n = 5, 3, 1 for R, G, B
-    n = x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    n = channel_constants([5.0, 3.0, 1.0], x)
     k = torch.remainder(n + hue6[:, None], 6)
     return value[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
@@ -211,7 +221,7 @@ def pil_box_blur_kernels(sigma):
 
 def gaussian_blur(x, sigma):
     """PIL's GaussianBlur(radius=sigma) for each image of x; sigma is a CPU tensor [N]."""
-    return box_blur(x, pil_box_blur_kernels(sigma).to(x.device))
+    return box_blur(x, to_device(pil_box_blur_kernels(sigma), x.device))
 
 
 def box_blur(x, kernels):
@@ -243,8 +253,8 @@ def _apply_where(x, mask, op, *per_image_args):
     """x[mask] = op(x[mask], *args[mask]), computing op only on the chosen images."""
     chosen = mask.nonzero()[:, 0]
     if len(chosen):
-        on_device = chosen.to(x.device)
-        x[on_device] = op(x[on_device], *(arg[chosen].to(x.device) for arg in per_image_args))
+        on_device = to_device(chosen, x.device)
+        x[on_device] = op(x[on_device], *(to_device(arg[chosen], x.device) for arg in per_image_args))
     return x
 
 
@@ -264,7 +274,7 @@ def augment_view(x, draws, params):
 
 
 def normalize(x, mean, std, dtype=torch.float32):
-    mean, std = x.new_tensor(mean).view(1, 3, 1, 1), x.new_tensor(std).view(1, 3, 1, 1)
+    mean, std = channel_constants(mean, x), channel_constants(std, x)
     return ((x - mean) / std).to(dtype)
 
 
@@ -287,8 +297,8 @@ def resample_weights(start, length, full_length, out_size, device="cpu"):
     downscale factor, cut at the span's ends and renormalised, so resampling a crop
     needs no copy of it: one matmul with these matrices per axis.
     """
-    start = start.to(device, torch.float32)[:, None, None]
-    length = length.to(device, torch.float32)[:, None, None]
+    start = to_device(start, device).float()[:, None, None]
+    length = to_device(length, device).float()[:, None, None]
     scale = length / out_size
     filter_scale = scale.clamp_min(1.0)
     support = 2.0 * filter_scale
@@ -309,7 +319,7 @@ def resized_crops_matmul(canvases, boxes, size):
     """
     n_views, batch = boxes.shape[:2]
     _, height, width, _ = canvases.shape
-    flat = boxes.reshape(-1, 4).to(canvases.device, non_blocking=True)
+    flat = boxes.reshape(-1, 4)
     rows = resample_weights(flat[:, 0], flat[:, 2], height, size, canvases.device).to(canvases.dtype)
     cols = resample_weights(flat[:, 1], flat[:, 3], width, size, canvases.device).to(canvases.dtype)
     rows = rows.view(n_views, batch, size, height).transpose(0, 1).reshape(batch, n_views * size, height)
