@@ -381,7 +381,9 @@ def multicrop(canvases, sizes, generator, *, n_local_crops=8, global_size=224, l
                        local_size=local_size, params=params)
     canvases = canvases.to(device, non_blocking=True)
     batch = len(sizes)
-    if device.type == "cuda" if batched_resize is None else batched_resize:
+    if batched_resize is None:
+        batched_resize = device.type == "cuda"
+    if batched_resize:
         # integers 0..255 are exact in half, and GPU matmuls accumulate in fp32
         pixels = canvases.half() if device.type == "cuda" else canvases.float()
         groups = []
