@@ -146,6 +146,9 @@ CHOICES = {
     "model.arch": ("vit_tiny", "vit_small", "vit_base"),
     "model.patch_size": (4, 8, 16),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
+    "data.decode": ("auto", "nvjpeg", "cpu"),
+    "data.crops": ("auto", "opencv", "torch"),
+    "data.order": ("random", "quasi_random"),
     "dino.loss_impl": ("auto", "triton", "torch"),
     "dino.ema_impl": ("auto", "triton", "torch"),
     "parallel.zero_stage": (0, 1, 2),
@@ -189,7 +192,8 @@ def _validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
-    positive = ["data.batch_size", "data.global_size", "data.local_size", "optim.epochs", "model.out_dim"]
+    positive = ["data.batch_size", "data.global_size", "data.local_size", "data.batches_ahead", "optim.epochs",
+                "model.out_dim"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {OmegaConf.select(cfg, key)}")
