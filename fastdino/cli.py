@@ -242,8 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CHECKPOINT|auto",
                        help="continue from a checkpoint (a step file, or a DeepSpeed step folder), or the newest "
                             "complete one in output_dir/checkpoints (auto); same world size and ZeRO stage")
-    train.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                       help="set by the deepspeed launcher; fastdino reads LOCAL_RANK from the environment")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.001 data.batch_size=32")
     train.set_defaults(func=_train)
 
@@ -345,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK in the environment says the same.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCH_SCRIPTS:  # later arguments belong to the script
         args = argparse.Namespace(func=_bench_script, bench_name=argv[1], bench_args=argv[2:])
     else:
