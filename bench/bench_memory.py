@@ -100,7 +100,8 @@ def worker(arch: str, out_dim: int, out: Path) -> None:
                                  "data.batch_size=1", f"parallel.zero_stage={stage}"])
         env = init_distributed(torch.device("cpu"), cfg.parallel.timeout_s, need_group=True)
         torch.manual_seed(0)
-        runner = apply_parallelism(build_student_teacher(cfg.model).student, cfg, env)
+        nets = build_student_teacher(cfg.model)
+        runner, _ = apply_parallelism(nets.student, nets.teacher, cfg, env)
         for group in runner.param_groups:
             group["lr"] = 1e-4
         crops = [torch.randn(1, 3, 32, 32)] * 2

@@ -1,6 +1,8 @@
 """The one place that applies parallelism to the student, in a fixed order.
 
 build_student_teacher(cfg.model) -> (move to device) -> apply_parallelism():
+  0. batch norm in the head (model.use_bn_in_head) becomes SyncBatchNorm on GPUs when
+     there are several ranks, in student and teacher, as the official code does;
   1. parameter groups (weight decay split, last layer on its own) and DINOAdamW;
   2. one process and zero_stage 0: the plain module and optimizer (no DeepSpeed);
      otherwise: a DeepSpeed engine (ZeRO stage 0, 1 or 2 from parallel.zero_stage)
@@ -98,13 +100,23 @@ def deepspeed_config(zero_stage: int, micro_batch: int, world_size: int, bucket_
     return config
 
 
-def apply_parallelism(student: nn.Module, cfg, env: DistEnv) -> LocalStudent:
-    """The student as the training loop drives it (see the module docstring for the order)."""
+def has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def apply_parallelism(student: nn.Module, teacher: nn.Module, cfg, env: DistEnv) -> tuple[LocalStudent, nn.Module]:
+    """(the student as the training loop drives it, the teacher), in the order of the module docstring."""
+    if env.world_size > 1 and has_batchnorm(student):
+        if next(student.parameters()).device.type == "cuda":
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        elif env.is_main:  # torch's SyncBatchNorm runs on GPUs only
+            logger.warning("batch norm in the head uses per-rank batch statistics on CPU (SyncBatchNorm needs GPUs)")
     optimizer = DINOAdamW(dino_param_groups(student), lr=0.0, betas=tuple(cfg.optim.betas),
                           clip_grad=cfg.optim.clip_grad)
     stage = cfg.parallel.zero_stage
     if not uses_deepspeed(stage, env.world_size):
-        return LocalStudent(student, optimizer)
+        return LocalStudent(student, optimizer), teacher
     use_cpu_accelerator_for_deepspeed()
     import deepspeed
 
@@ -122,7 +134,7 @@ def apply_parallelism(student: nn.Module, cfg, env: DistEnv) -> LocalStudent:
         logger.info("DeepSpeed %s: ZeRO stage %d over %d rank(s), fp32 optimizer%s", deepspeed.__version__, stage,
                     env.world_size, ", partitioned optimizer state" + (" and gradients" if stage == 2 else "")
                     if stage else "")
-    return DeepSpeedStudent(engine, optimizer, stage)
+    return DeepSpeedStudent(engine, optimizer, stage), teacher
 
 
 def _tensor_bytes(tensors) -> int:

@@ -109,8 +109,8 @@ class Trainer:
         nets = build_student_teacher(cfg.model)  # same seed, same weights on every rank
         # The teacher stays in train mode as in the official code: it only matters for
         # batch norm in the head (use_bn_in_head), where the teacher uses batch statistics.
-        self.teacher = nets.teacher.to(self.device)
-        self.runner = apply_parallelism(nets.student.to(self.device), cfg, self.dist)
+        self.runner, self.teacher = apply_parallelism(nets.student.to(self.device), nets.teacher.to(self.device),
+                                                      cfg, self.dist)
         self.student = self.runner.module
         if self.dist.world_size > 1:  # independent drop-path masks per rank
             torch.manual_seed(cfg.seed + self.dist.rank)
