@@ -2,8 +2,8 @@
 
 One torchrun launch trains the same tiny run under stages 0, 1 and 2 (module fixture);
 the tests compare it with one process on the full batch, check the optimizer-state
-bytes, the frozen last layer, a 2-node rendezvous on loopback, kill -9 of a rank and
-an exact resume. Augmentations are switched off (full-image crops, no flips or
+bytes, the frozen last layer, a 2-node rendezvous on loopback, kill -9 of a rank, an
+exact resume and a NaN loss under ZeRO. Augmentations are switched off (full-image crops, no flips or
 colour changes) so that 2 ranks x 32 images see exactly the images of 1 rank x 64.
 """
 import json
@@ -243,3 +243,40 @@ def test_dino_adamw_matches_official_clipping_and_frozen_last_layer():
         official.step()
         for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"step {step}: {name}")
+
+
+NONFINITE_CHILD = textwrap.dedent("""
+    import json, sys
+    from fastdino.config import load_config
+    from fastdino.ssl.loss import DINOLoss
+    from fastdino.train.trainer import NonFiniteLossError, Trainer
+    original, calls = DINOLoss.forward, {"n": 0}
+    def poisoned(self, student, teacher, epoch):
+        calls["n"] += 1
+        loss = original(self, student, teacher, epoch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+    DINOLoss.forward = poisoned
+    out, args = sys.argv[1], sys.argv[2:]
+    try:
+        Trainer(load_config(None, [*args, f"output_dir={out}/error"])).train()
+        error = None
+    except NonFiniteLossError as exc:
+        error = str(exc)
+    calls["n"] = 0
+    summary = Trainer(load_config(None, [*args, f"output_dir={out}/skip", "on_nonfinite_loss=skip"])).train()
+    print(json.dumps({"error": error, "skip_steps": summary["steps"]}))
+""")
+
+
+def test_nonfinite_loss_under_zero_on_one_rank(tmp_path, digits_betons):
+    """ZeRO-1 with one rank (DeepSpeed under a plain `python`): a NaN loss at step 2 stops the run
+    naming the step, or with on_nonfinite_loss=skip the run goes on."""
+    script = tmp_path / "child.py"
+    script.write_text(NONFINITE_CHILD)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path),
+                             *overrides(tmp_path, digits_betons[0], 16, "max_steps=4", "parallel.zero_stage=1")],
+                            capture_output=True, text=True, timeout=600, env=env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["error"] and "at step 2" in report["error"], report
+    assert report["skip_steps"] == 4

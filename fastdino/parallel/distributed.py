@@ -27,11 +27,6 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def active(self) -> bool:
-        """A process group exists (world size > 1, or one rank that DeepSpeed needs a group for)."""
-        return dist.is_available() and dist.is_initialized()
-
 
 def launcher_env() -> DistEnv:
     """(rank, world size, local rank) as the launcher set them; (0, 1, 0) for a plain `python` run."""
