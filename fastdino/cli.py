@@ -18,12 +18,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def _train(args) -> int:
     from fastdino.config import load_config
+    from fastdino.parallel import shutdown_distributed
     from fastdino.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    summary = Trainer(cfg, resume=args.resume).train()
-    print(json.dumps({"output_dir": cfg.output_dir, "steps": summary["steps"],
-                      "final_loss": summary["last"].get("loss"), "final_knn": summary["final_knn"]}))
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        summary = trainer.train()
+    finally:
+        shutdown_distributed()
+    if trainer.is_main:
+        print(json.dumps({"output_dir": cfg.output_dir, "steps": summary["steps"],
+                          "final_loss": summary["last"].get("loss"), "final_knn": summary["final_knn"],
+                          "world_size": trainer.dist.world_size, "zero_stage": cfg.parallel.zero_stage,
+                          "memory_bytes_rank0": summary["memory"]}))
     return 0
 
 
@@ -200,6 +208,7 @@ def _demo(args) -> int:
 BENCH_SCRIPTS = {
     "kernels": "time the Triton loss and EMA kernels against their baselines and the bandwidth floor",
     "loader": "multi-crop loading img/s and CPU cores: the official PIL recipe against fastdino's loader",
+    "memory": "parameter, gradient and optimizer-state bytes per rank under ZeRO 0/1/2 (analytic; --measure runs DeepSpeed)",
 }
 
 
@@ -214,11 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on top of configs/demo.yaml")
     demo.set_defaults(func=_demo)
 
-    train = commands.add_parser("train", help="train DINO from a config file",
-                                description="Loads configs/default.yaml, then --config, then key=value overrides.")
+    train = commands.add_parser(
+        "train", help="train DINO from a config file", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Loads configs/default.yaml, then --config, then key=value overrides.\n\n"
+                    "Launch: `fastdino train ...` is one process (CPU or one GPU). Several ranks take rank and world\n"
+                    "size from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):\n"
+                    "  torchrun --nproc_per_node N -m fastdino train --config FILE\n"
+                    "  torchrun --nnodes M --node_rank I --nproc_per_node N --master_addr HOST --master_port PORT \\\n"
+                    "      -m fastdino train --config FILE       (on every node; or --rdzv_backend c10d\n"
+                    "      --rdzv_endpoint HOST:PORT --rdzv_id JOB)\n"
+                    "  deepspeed --num_gpus N --module fastdino train --config FILE\n"
+                    "  deepspeed --hostfile configs/launch/hostfile --module fastdino train --config FILE\n"
+                    "  sbatch configs/launch/slurm.sbatch        (srun + torchrun, rendezvous from SLURM)\n"
+                    "On CPU the ranks talk over gloo (set DS_ACCELERATOR=cpu for the deepspeed launcher), on GPUs\n"
+                    "over nccl. parallel.zero_stage=0|1|2 picks plain data parallel or DeepSpeed ZeRO 1/2;\n"
+                    "data.batch_size is per rank. All ranks must see output_dir (a shared file system).")
     train.add_argument("--config", help="experiment YAML (only the keys that differ from default.yaml)")
     train.add_argument("--resume", metavar="CHECKPOINT|auto",
-                       help="continue from a checkpoint file, or the newest one in output_dir (auto)")
+                       help="continue from a checkpoint (a step file, or a DeepSpeed step folder), or the newest "
+                            "complete one in output_dir/checkpoints (auto); same world size and ZeRO stage")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.001 data.batch_size=32")
     train.set_defaults(func=_train)
 
@@ -322,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK in the environment says the same.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCH_SCRIPTS:  # later arguments belong to the script
         args = argparse.Namespace(func=_bench_script, bench_name=argv[1], bench_args=argv[2:])
     else:

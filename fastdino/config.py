@@ -102,6 +102,8 @@ class DINOConfig:
 @dataclass
 class ParallelConfig:
     zero_stage: int = MISSING
+    timeout_s: float = MISSING
+    bucket_elements: int = MISSING
 
 
 @dataclass

@@ -122,3 +122,13 @@ def test_cli_train_runs(tmp_path, digits_betons):
     result = run_cli("train", *TINY, f"output_dir={tmp_path}", f"data.path={train}", "max_steps=2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 2
+
+
+def test_resume_from_a_checkpoint_of_another_launch_is_a_clear_error(tmp_path, digits_betons):
+    """A DeepSpeed step folder cannot continue a one-process run (and the other way round)."""
+    train, _ = digits_betons
+    folder = tmp_path / "checkpoints" / "step_00000004"
+    folder.mkdir(parents=True)
+    torch.save({"version": 1, "step": 4, "parallel": {"world_size": 2, "zero_stage": 1}}, folder / "fastdino.pt")
+    with pytest.raises(CheckpointError, match="written by a DeepSpeed run"):
+        Trainer(tiny_config(tmp_path, train, "max_steps=5"), resume="auto")

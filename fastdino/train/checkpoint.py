@@ -1,19 +1,31 @@
 """Atomic, resumable checkpoints that load with `torch.load(weights_only=True)`.
 
-A checkpoint is written to a temporary file in the same folder, flushed to disk,
-then renamed over its final name, so a crash mid-write never leaves a file that
-looks complete. Checkpoints hold only tensors and plain Python values.
+One process writes one file, `step_<step>.pt`: to a temporary file in the same
+folder, flushed to disk, then renamed over its final name, so a crash mid-write
+never leaves a file that looks complete. Checkpoints hold only tensors and plain
+Python values.
+
+A DeepSpeed run writes a folder, `step_<step>/`: DeepSpeed's sharded files (model
+states, one ZeRO optimizer shard per rank), `rank_<r>.pt` (each rank's RNG state)
+and `fastdino.pt` (a one-process checkpoint without the optimizer: student,
+teacher, centre, step, k-NN history, config; what export and eval read). Every
+rank writes into `.tmp-step_<step>/`; after a barrier rank 0 renames it to its
+final name, so a folder named `step_<step>` is always complete, and a kill during
+the write leaves only a `.tmp-` folder, which is ignored and cleared later.
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 CHECKPOINT_VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+SHARDED_PAYLOAD = "fastdino.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -52,18 +64,87 @@ def checkpoint_path(checkpoint_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(checkpoint_dir: Path, step: int, payload: dict, keep: int) -> Path:
-    """Writes step_<step>.pt, then deletes all but the newest `keep` step files."""
+    """Writes step_<step>.pt, then deletes all but the newest `keep` checkpoints."""
     path = checkpoint_path(checkpoint_dir, step)
     atomic_torch_save({"version": CHECKPOINT_VERSION, "step": step, "rng": rng_state(), **payload}, path)
-    for old in list_checkpoints(checkpoint_dir)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
+    _prune(checkpoint_dir, keep)
     return path
 
 
+def _discard(path: Path) -> None:
+    """Renames first, then deletes: a kill half-way through never leaves a damaged checkpoint under
+    a checkpoint's name."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+def _prune(checkpoint_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(checkpoint_dir)[:-keep] if keep > 0 else []:
+        _discard(old)
+
+
+def save_sharded_checkpoint(checkpoint_dir: Path, step: int, engine, payload: dict, keep: int, rank: int,
+                            barrier) -> Path:
+    """Called by every rank of a DeepSpeed run (see the module docstring). `payload` is used on rank 0."""
+    final = checkpoint_dir / f"step_{step:08d}"
+    tag = f".tmp-step_{step:08d}"
+    staging = checkpoint_dir / tag
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+    atomic_torch_save({"rng": rng_state()}, staging / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        atomic_torch_save({"version": CHECKPOINT_VERSION, "step": step, "rng": rng_state(), **payload},
+                          staging / SHARDED_PAYLOAD)
+    barrier()  # every rank's files are in place
+    if rank == 0:
+        if final.exists():
+            _discard(final)
+        os.replace(staging, final)
+        _fsync_dir(checkpoint_dir)
+        for stale in checkpoint_dir.glob(".tmp-step_*"):  # left by runs killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
+        _prune(checkpoint_dir, keep)
+    barrier()
+    return final
+
+
+def load_sharded_rank_state(path: Path, rank: int) -> dict:
+    rank_file = Path(path) / f"rank_{rank:05d}.pt"
+    if not rank_file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no state for rank {rank}: resume with the world size it was "
+                              f"written with")
+    return torch.load(rank_file, map_location="cpu", weights_only=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_step(path: Path) -> int:
+    match = _STEP_FILE.match(path.name) or _STEP_DIR.match(path.name)
+    return int(match.group(1))
+
+
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first: step files, and step folders (a folder only gets its
+    name once it is complete; `.tmp-` folders of interrupted writes are not listed)."""
     if not checkpoint_dir.is_dir():
         return []
-    return sorted(p for p in checkpoint_dir.iterdir() if _STEP_FILE.match(p.name))
+    found = [p for p in checkpoint_dir.iterdir()
+             if (_STEP_FILE.match(p.name) and p.is_file())
+             or (_STEP_DIR.match(p.name) and (p / SHARDED_PAYLOAD).is_file())]
+    return sorted(found, key=lambda p: (checkpoint_step(p), p.is_dir()))
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -72,7 +153,10 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A step file, or a DeepSpeed step folder (its fastdino.pt: everything but the optimizer)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / SHARDED_PAYLOAD
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

@@ -1,12 +1,14 @@
-"""The DINO training loop (one process: CPU or one GPU).
+"""The DINO training loop: one process (CPU or one GPU), or one rank of many.
 
 One step: multi-crop batch -> teacher forward on the 2 global crops -> student
-forward on all crops -> DINO loss (updates the centre) -> backward -> per-parameter
-gradient clipping, last layer frozen in early epochs -> AdamW with the scheduled
-lr and weight decay -> EMA teacher update. Everything needed to continue exactly
-(weights, optimizer, centre, step, RNG) goes into each checkpoint; data order and
-augmentations are a pure function of (seed, epoch, batch), so a resumed run sees
-the same batches.
+forward on all crops -> DINO loss (updates the centre, all-reduced) -> backward
+(gradients averaged over ranks) -> per-parameter gradient clipping, last layer
+frozen in early epochs -> AdamW with the scheduled lr and weight decay -> EMA
+teacher update from the student's current weights. fastdino.parallel decides and
+applies the parallelism (plain module, or DeepSpeed ZeRO 0/1/2). Everything needed
+to continue exactly (weights, optimizer, centre, step, per-rank RNG) goes into each
+checkpoint; data order and augmentations are a pure function of (seed, epoch,
+batch, rank), so a resumed run sees the same batches.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -26,9 +29,9 @@ from fastdino import metrics
 from fastdino.config import save_config, to_dict
 from fastdino.data import eval_loader, multicrop_loader
 from fastdino.eval.knn import extract_features, knn_classify
+from fastdino.parallel import apply_parallelism, barrier, init_distributed, memory_bytes, uses_deepspeed
 from fastdino.runinfo import run_metadata, setup_logging
-from fastdino.ssl import (DINOLoss, build_student_teacher, cancel_last_layer_gradients,
-                          clip_gradients_per_parameter, ema_update_, param_groups)
+from fastdino.ssl import DINOLoss, build_student_teacher, ema_update_
 from fastdino.train import checkpoint as ckpt
 from fastdino.train.monitor import collapse_stats, collapse_warnings
 from fastdino.train.schedules import build_schedules
@@ -44,12 +47,13 @@ class TrainingInterrupted(RuntimeError):
     """SIGINT or SIGTERM arrived; the run stopped at a step boundary and saved a checkpoint."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of this rank: cuda:LOCAL_RANK on GPUs."""
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for but no CUDA GPU is available (use device=cpu or device=auto)")
-    return torch.device(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -63,14 +67,27 @@ class Trainer:
     def __init__(self, cfg, resume: str | None = None):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = self.output_dir / "checkpoints"
-        setup_logging(self.output_dir / "train.log")
-        self.device = resolve_device(cfg.device)
+        env_device = resolve_device(cfg.device)
+        if cfg.parallel.timeout_s <= 0 or cfg.parallel.bucket_elements <= 0:
+            raise ValueError("config keys 'parallel.timeout_s' and 'parallel.bucket_elements' must be positive")
+        self.dist = init_distributed(env_device, cfg.parallel.timeout_s,
+                                     need_group=uses_deepspeed(cfg.parallel.zero_stage, 1))
+        self.is_main = self.dist.is_main
+        self.device = resolve_device(cfg.device, self.dist.local_rank)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            setup_logging(self.output_dir / "train.log")
+        else:  # other ranks only report problems, on stderr
+            setup_logging(None, level=logging.WARNING)
+        barrier()
         self.meta = run_metadata(self.device)
-        save_config(cfg, self.output_dir / "config.yaml")
-        (self.output_dir / "run.json").write_text(json.dumps(self.meta, indent=2) + "\n")
-        logger.info("run %s | git %s | %s", self.output_dir, self.meta["git_revision"], self.meta["device"])
+        self.meta["world_size"] = self.dist.world_size
+        if self.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+            (self.output_dir / "run.json").write_text(json.dumps(self.meta, indent=2) + "\n")
+        logger.info("run %s | git %s | %s | %d rank(s)", self.output_dir, self.meta["git_revision"],
+                    self.meta["device"], self.dist.world_size)
         logger.info("versions %s", json.dumps(self.meta["versions"]))
         logger.info("config\n%s", OmegaConf.to_yaml(cfg).rstrip())
 
@@ -79,25 +96,29 @@ class Trainer:
         self.loader = multicrop_loader(
             data.path, data.batch_size, n_local_crops=data.n_local_crops, global_size=data.global_size,
             local_size=data.local_size, device=str(self.device), seed=cfg.seed, augment=data.augment,
-            num_workers=data.num_workers)
+            num_workers=data.num_workers, rank=self.dist.rank, world_size=self.dist.world_size)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{data.path} holds {self.loader.num_images} images, fewer than one batch of "
-                             f"{data.batch_size}: lower data.batch_size")
-        self.schedules = build_schedules(cfg, self.steps_per_epoch, data.batch_size)
+                             f"{data.batch_size} on each of {self.dist.world_size} rank(s): lower data.batch_size")
+        self.global_batch = data.batch_size * self.dist.world_size
+        self.schedules = build_schedules(cfg, self.steps_per_epoch, self.global_batch)
         full = self.schedules.total_steps
         self.total_steps = min(cfg.max_steps, full) if cfg.max_steps > 0 else full
 
-        nets = build_student_teacher(cfg.model)
-        self.student = nets.student.to(self.device)
+        nets = build_student_teacher(cfg.model)  # same seed, same weights on every rank
         # The teacher stays in train mode as in the official code: it only matters for
         # batch norm in the head (use_bn_in_head), where the teacher uses batch statistics.
-        self.teacher = nets.teacher.to(self.device)
+        self.runner, self.teacher = apply_parallelism(nets.student.to(self.device), nets.teacher.to(self.device),
+                                                      cfg, self.dist)
+        self.student = self.runner.module
+        if self.dist.world_size > 1:  # independent drop-path masks per rank
+            torch.manual_seed(cfg.seed + self.dist.rank)
         self.ncrops = 2 + data.n_local_crops
         self.dino_loss = DINOLoss(cfg.model.out_dim, self.ncrops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
                                   cfg.dino.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.dino.student_temp,
                                   cfg.dino.center_momentum, impl=cfg.dino.loss_impl).to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0, betas=tuple(cfg.optim.betas))
+        self.optimizer = self.runner.optimizer
         self.flops_per_image = metrics.flops_per_image_from_config(cfg)
         self.peak_flops = metrics.peak_flops(self.device.type)
         self.start_step = 0
@@ -113,17 +134,38 @@ class Trainer:
             logger.info("--resume auto: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
             return
         state = ckpt.load_checkpoint(path, map_location=self.device)
+        sharded = path.is_dir()
+        if sharded != self.runner.uses_deepspeed:
+            written = "a DeepSpeed run (a step folder)" if sharded else "a one-process run (a step file)"
+            raise ckpt.CheckpointError(f"checkpoint {path} was written by {written}; resume it with the same "
+                                       f"launch, world size and parallel.zero_stage")
+        layout = state.get("parallel", {"world_size": 1, "zero_stage": 0})
+        here = {"world_size": self.dist.world_size, "zero_stage": self.cfg.parallel.zero_stage}
+        if sharded and layout != here:
+            raise ckpt.CheckpointError(f"checkpoint {path} was written with world size {layout['world_size']} and "
+                                       f"ZeRO stage {layout['zero_stage']}; this run has {here['world_size']} and "
+                                       f"{here['zero_stage']}: resume with the same")
         try:
-            self.student.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
             self.dino_loss.load_state_dict(state["dino_loss"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as exc:
+            if sharded:
+                loaded, _ = self.runner.engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                               load_optimizer_states=True,
+                                                               load_lr_scheduler_states=False)
+                if loaded is None:
+                    raise RuntimeError("DeepSpeed found no checkpoint files in it")
+                rng = ckpt.load_sharded_rank_state(path, self.dist.rank)["rng"]
+            else:
+                self.student.load_state_dict(state["student"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                rng = state["rng"]
+        except (RuntimeError, KeyError, ValueError, AssertionError) as exc:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this config: {str(exc).splitlines()[0]}") from None
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(rng)
         self.start_step = int(state["step"])
         self.knn_history = list(state.get("knn_history", []))
-        self._truncate_log(self.start_step)
+        if self.is_main:
+            self._truncate_log(self.start_step)
         logger.info("resumed from %s at step %d", path, self.start_step)
 
     def _truncate_log(self, step: int) -> None:
@@ -138,15 +180,21 @@ class Trainer:
         log_path.write_text("".join(line + "\n" for line in kept))
 
     def save(self, step: int) -> Path:
+        """Collective under DeepSpeed: every rank calls it at the same step."""
         payload = {
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict(),
             "dino_loss": self.dino_loss.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "config": OmegaConf.to_yaml(self.cfg),
             "knn_history": self.knn_history,
         }
-        path = ckpt.save_checkpoint(self.checkpoint_dir, step, payload, self.cfg.keep_checkpoints)
+        if self.runner.uses_deepspeed:
+            payload["parallel"] = {"world_size": self.dist.world_size, "zero_stage": self.cfg.parallel.zero_stage}
+            path = ckpt.save_sharded_checkpoint(self.checkpoint_dir, step, self.runner.engine, payload,
+                                                self.cfg.keep_checkpoints, self.dist.rank, barrier)
+        else:
+            payload["optimizer"] = self.optimizer.state_dict()
+            path = ckpt.save_checkpoint(self.checkpoint_dir, step, payload, self.cfg.keep_checkpoints)
         logger.info("checkpoint %s", path)
         return path
 
@@ -172,10 +220,11 @@ class Trainer:
     # ---- training ----------------------------------------------------------------------------------
     def _apply_schedules(self, step: int) -> dict:
         values = self.schedules.at(step)
-        for i, group in enumerate(self.optimizer.param_groups):
+        frozen = values["epoch"] < self.cfg.optim.freeze_last_layer
+        for group in self.runner.param_groups:
             group["lr"] = values["lr"]
-            if i == 0:
-                group["weight_decay"] = values["wd"]
+            group["weight_decay"] = values["wd"] if group["decay"] else 0.0
+            group["frozen"] = frozen and group["last_layer"]
         return values
 
     def _batches(self):
@@ -202,9 +251,9 @@ class Trainer:
                     self.start_step, self.total_steps, self.schedules.total_steps, self.steps_per_epoch,
                     self.device, self.flops_per_image / 1e9)
         if self.knn_enabled() and not self.knn_history:
-            self._log_knn(log_path, self.evaluate_knn(step=0), epoch=0)
+            self._run_knn(log_path, step=0, epoch=0)
         previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-        progress = tqdm(total=self.total_steps, initial=self.start_step, disable=not cfg.progress,
+        progress = tqdm(total=self.total_steps, initial=self.start_step, disable=not (cfg.progress and self.is_main),
                         dynamic_ncols=True, desc="train")
         self.student.train()
         images_since_log, time_since_log, data_wait = 0, time.perf_counter(), 0.0
@@ -218,27 +267,26 @@ class Trainer:
                 with autocast_context(self.device, cfg.precision):
                     with torch.no_grad():
                         teacher_output, teacher_features = self.teacher(crops[:2], return_backbone=True)
-                    student_output = self.student(crops)
+                    student_output = self.runner(crops)
                     loss = self.dino_loss(student_output, teacher_output, epoch)
-                if not torch.isfinite(loss):
-                    message = f"non-finite loss ({loss.item()}) at step {step} (epoch {epoch})"
+                nonfinite, stop = self._check_step(loss)
+                if nonfinite:
+                    where = "" if self.dist.world_size == 1 else " on at least one rank"
+                    message = f"non-finite loss{where} at step {step} (epoch {epoch})"
                     if cfg.on_nonfinite_loss == "error":
                         raise NonFiniteLossError(message + "; the last checkpoint is intact (resume with --resume auto)")
                     logger.warning("%s: skipping this step's update", message)
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.runner.zero_grad()
                 else:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.optim.clip_grad > 0:
-                        clip_gradients_per_parameter(self.student, cfg.optim.clip_grad)
-                    cancel_last_layer_gradients(self.student, epoch, cfg.optim.freeze_last_layer)
-                    self.optimizer.step()
+                    self.runner.backward(loss)
+                    self.runner.step()  # clip per parameter, freeze the last layer, AdamW, clear gradients
                     ema_update_(self.teacher, self.student, values["momentum"], impl=cfg.dino.ema_impl)
-                images_since_log += crops[0].shape[0]
+                images_since_log += crops[0].shape[0] * self.dist.world_size
                 done = step + 1
                 progress.update(1)
 
                 if done % cfg.log_every == 0 or step == self.start_step or done == self.total_steps:
+                    loss_value = self._mean_over_ranks(loss)
                     elapsed = time.perf_counter() - time_since_log
                     img_per_s = images_since_log / max(elapsed, 1e-9)
                     stats = collapse_stats(student_output.detach(), teacher_output.detach(), self.dino_loss.center,
@@ -246,7 +294,7 @@ class Trainer:
                     warnings = collapse_warnings(stats, cfg.monitor)
                     model_mfu = metrics.mfu(img_per_s, self.flops_per_image, self.peak_flops)
                     last_record = {
-                        "step": step, "epoch": epoch, "loss": loss.item(), "lr": values["lr"], "wd": values["wd"],
+                        "step": step, "epoch": epoch, "loss": loss_value, "lr": values["lr"], "wd": values["wd"],
                         "momentum": values["momentum"], "teacher_temp": values["teacher_temp"],
                         "img_per_s": img_per_s, "gflops_per_s": img_per_s * self.flops_per_image / 1e9,
                         "mfu": model_mfu, "data_wait_fraction": data_wait / max(elapsed, 1e-9),
@@ -254,28 +302,29 @@ class Trainer:
                     }
                     if self.device.type == "cuda":
                         last_record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(last_record) + "\n")
+                    if self.is_main:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(last_record) + "\n")
                     postfix = {"loss": f"{last_record['loss']:.4f}", "img/s": f"{img_per_s:.1f}",
                                "H/lnK": f"{stats['teacher_entropy'] / stats['log_k']:.2f}"}
                     if model_mfu is not None:
                         postfix["MFU"] = f"{model_mfu:.1%}"
                     if warnings:
                         postfix["WARN"] = warnings[0].split(":")[0]
-                        for w in warnings:
+                        for w in warnings if self.is_main else []:
                             logger.warning("step %d: %s", step, w)
                     progress.set_postfix(postfix, refresh=False)
-                    if not cfg.progress:
+                    if not cfg.progress and self.is_main:
                         logger.info("step %d/%d loss %.4f lr %.2e img/s %.1f", done, self.total_steps,
                                     last_record["loss"], values["lr"], img_per_s)
                     images_since_log, time_since_log, data_wait = 0, time.perf_counter(), 0.0
 
                 if cfg.eval.knn_every > 0 and self.knn_enabled() and done % cfg.eval.knn_every == 0 \
                         and done < self.total_steps:
-                    self._log_knn(log_path, self.evaluate_knn(done), epoch)
-                if done % cfg.checkpoint_every == 0 or done == self.total_steps or self._stop_requested:
+                    self._run_knn(log_path, done, epoch)
+                if done % cfg.checkpoint_every == 0 or done == self.total_steps or stop:
                     self.save(done)
-                if self._stop_requested:
+                if stop:
                     raise TrainingInterrupted(f"interrupted after step {done}; checkpoint saved in "
                                               f"{self.checkpoint_dir}; continue with --resume auto")
                 fetch_start = time.perf_counter()
@@ -285,11 +334,36 @@ class Trainer:
             progress.close()
         final_knn = None
         if self.knn_enabled():
-            final_knn = self.evaluate_knn(self.total_steps)
-            self._log_knn(log_path, final_knn, self.total_steps // self.steps_per_epoch)
+            final_knn = self._run_knn(log_path, self.total_steps, self.total_steps // self.steps_per_epoch)
         return {"steps": self.total_steps, "last": last_record, "knn": self.knn_history,
-                "final_knn": final_knn, "collapse_warnings": warnings}
+                "final_knn": final_knn, "collapse_warnings": warnings, "memory": memory_bytes(self.runner)}
 
-    def _log_knn(self, log_path: Path, record: dict, epoch: int) -> None:
-        with open(log_path, "a") as f:
-            f.write(json.dumps({**record, "epoch": epoch, "kind": "eval"}) + "\n")
+    def _run_knn(self, log_path: Path, step: int, epoch: int) -> dict | None:
+        """Rank 0 evaluates the teacher (identical on every rank) while the others wait."""
+        record = None
+        if self.is_main:
+            record = self.evaluate_knn(step)
+            with open(log_path, "a") as f:
+                f.write(json.dumps({**record, "epoch": epoch, "kind": "eval"}) + "\n")
+        barrier()
+        return record
+
+    def _check_step(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(loss is non-finite, stop requested), the same on every rank. One process: the
+        finiteness check is the step's only host sync. Several ranks: one tiny all-reduce, so
+        every rank skips or stops at the same step (a rank that went on alone would hang)."""
+        if self.dist.world_size == 1:
+            return not bool(torch.isfinite(loss)), self._stop_requested
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                             torch.tensor(float(self._stop_requested), device=loss.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = flags.tolist()
+        return nonfinite > 0, stop > 0
+
+    def _mean_over_ranks(self, loss: torch.Tensor) -> float:
+        """The loss of the whole (all-rank) batch: every rank's loss is its local batch mean."""
+        if self.dist.world_size == 1:
+            return loss.item()
+        total = loss.detach().float().clone()
+        dist.all_reduce(total)
+        return total.item() / self.dist.world_size
