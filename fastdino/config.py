@@ -195,7 +195,7 @@ def _validate(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
     positive = ["data.batch_size", "data.global_size", "data.local_size", "data.batches_ahead", "optim.epochs",
-                "model.out_dim"]
+                "model.out_dim", "parallel.timeout_s", "parallel.bucket_elements"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {OmegaConf.select(cfg, key)}")

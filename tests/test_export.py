@@ -1,6 +1,7 @@
 """Backbone export to the official / timm / safetensors layouts and import from every supported file."""
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from fastdino.cli import main
 from fastdino.config import load_config
 from fastdino.eval.export import export_weights, load_pretrained_backbone, read_weights
 from fastdino.ssl import build_student_teacher
-from fastdino.train.checkpoint import CheckpointError, load_backbone, save_checkpoint
+from fastdino.train.checkpoint import SHARDED_PAYLOAD, CheckpointError, load_backbone, save_checkpoint
 
 TINY_MODEL = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=4", "model.img_size=16", "model.out_dim=64",
               "model.head_hidden_dim=32", "model.head_bottleneck_dim=16", "eval.eval_size=16", "data.path=unused"]
@@ -74,6 +75,18 @@ def test_student_export_holds_the_student(tmp_path, training_checkpoint, images)
     with torch.no_grad():
         assert torch.equal(loaded(images), reference(training_checkpoint, "student")(images))
         assert not torch.equal(loaded(images), reference(training_checkpoint, "teacher")(images))
+
+
+def test_deepspeed_step_folder_exports_like_a_step_file(tmp_path, training_checkpoint, images):
+    """A DeepSpeed run checkpoints into a step folder whose fastdino.pt holds student and teacher."""
+    folder = tmp_path / "checkpoints" / "step_00000007"
+    folder.mkdir(parents=True)
+    shutil.copy(training_checkpoint, folder / SHARDED_PAYLOAD)
+    summary = export_weights(folder, tmp_path / "teacher.safetensors", "safetensors")
+    assert summary["source_step"] == 7
+    with torch.no_grad():
+        assert torch.equal(load_pretrained_backbone(tmp_path / "teacher.safetensors")(images),
+                           reference(training_checkpoint)(images))
 
 
 def test_safetensors_metadata(tmp_path, training_checkpoint):

@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from fastdino import models
 from fastdino.config import CHOICES
 from fastdino.models.vit import VisionTransformer
-from fastdino.train.checkpoint import CHECKPOINT_VERSION, CheckpointError, atomic_torch_save
+from fastdino.train.checkpoint import CHECKPOINT_VERSION, SHARDED_PAYLOAD, CheckpointError, atomic_torch_save
 
 EXPORT_FORMATS = ("official", "timm", "safetensors")
 SAFETENSORS_FORMAT_VERSION = "1"
@@ -72,6 +72,8 @@ def read_weights(path: str | Path, which: str = "teacher") -> BackboneWeights:
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     path = Path(path)
+    if path.is_dir():  # a DeepSpeed run's step folder: its fastdino.pt holds student and teacher
+        path = path / SHARDED_PAYLOAD
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if _is_safetensors(path):

@@ -56,9 +56,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast_context(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    if uses_bf16(device, precision):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -69,8 +72,6 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         env_device = resolve_device(cfg.device)
-        if cfg.parallel.timeout_s <= 0 or cfg.parallel.bucket_elements <= 0:
-            raise ValueError("config keys 'parallel.timeout_s' and 'parallel.bucket_elements' must be positive")
         self.dist = init_distributed(env_device, cfg.parallel.timeout_s,
                                      need_group=uses_deepspeed(cfg.parallel.zero_stage, 1))
         self.is_main = self.dist.is_main
@@ -96,7 +97,11 @@ class Trainer:
         self.loader = multicrop_loader(
             data.path, data.batch_size, n_local_crops=data.n_local_crops, global_size=data.global_size,
             local_size=data.local_size, device=str(self.device), seed=cfg.seed, augment=data.augment,
-            num_workers=data.num_workers, rank=self.dist.rank, world_size=self.dist.world_size)
+            num_workers=data.num_workers, rank=self.dist.rank, world_size=self.dist.world_size,
+            decode=data.decode, crops=data.crops, order=data.order, os_cache=data.os_cache,
+            batches_ahead=data.batches_ahead,
+            # bf16 crops halve the host-to-device copy (CPU decode) and the crops' memory under bf16 autocast
+            dtype=torch.bfloat16 if uses_bf16(self.device, cfg.precision) else torch.float32)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{data.path} holds {self.loader.num_images} images, fewer than one batch of "
