@@ -37,6 +37,10 @@ class ModelConfig:
     head_nlayers: int = MISSING
     use_bn_in_head: bool = MISSING
     norm_last_layer: bool = MISSING
+    drop_path_impl: str = MISSING
+    packed_crops: bool = MISSING
+    activation_checkpointing: bool = MISSING
+    compile: bool = MISSING
 
 
 @dataclass
@@ -141,6 +145,7 @@ CHOICES = {
     "model.arch": ("vit_tiny", "vit_small", "vit_base"),
     "model.patch_size": (4, 8, 16),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
+    "model.drop_path_impl": ("subset", "per_sample"),
     "dino.loss_impl": ("auto", "triton", "torch"),
     "dino.ema_impl": ("auto", "triton", "torch"),
     "parallel.zero_stage": (0, 1, 2),
