@@ -200,6 +200,7 @@ def _demo(args) -> int:
 BENCH_SCRIPTS = {
     "kernels": "time the Triton loss and EMA kernels against their baselines and the bandwidth floor",
     "loader": "multi-crop loading img/s and CPU cores: the official PIL recipe against fastdino's loader",
+    "train": "end-to-end training step img/s, MFU, memory and breakdown: fastdino against the official step",
 }
 
 
