@@ -62,7 +62,8 @@ class PackedSequences:
         return _block_diagonal_mask(self.groups, str(device))
 
 
-@functools.lru_cache(maxsize=64)
+# Subset stochastic depth makes a few layouts per block (kept counts vary by one): room for them all.
+@functools.lru_cache(maxsize=512)
 def _block_diagonal_mask(groups: tuple[tuple[int, int], ...], device: str):
     from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 

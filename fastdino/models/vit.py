@@ -44,6 +44,8 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool, pack: PackedSeq
     return x * keep / keep_prob
 
 
+# A host-side draw: a compiled block breaks its graph here on purpose (and says nothing).
+@torch.compiler.disable
 def kept_sample_count(count: int, drop_prob: float) -> int:
     """How many of `count` samples keep their residual branch: (1 - p) * count rounded
     stochastically (so the expected share kept is exactly 1 - p even for small batches), at least 1."""
