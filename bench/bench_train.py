@@ -438,7 +438,8 @@ def print_table(tag: str, flops: float, results: dict) -> None:
         if "oom" in r:
             print(f"{name:<9} out of memory: {r['oom']}")
             continue
-        row = (f"{name:<9} {r['img_per_s']:>9.1f} {fmt(r.get('mfu'), '>6.1%'):>6} "
+        img_per_s = f"{r['img_per_s']:.1f}" if r["img_per_s"] >= 10 else f"{r['img_per_s']:.3f}"
+        row = (f"{name:<9} {img_per_s:>9} {fmt(r.get('mfu'), '>6.1%'):>6} "
                f"{fmt(r.get('peak_memory_gib'), '>8.2f'):>8} {r['step_ms']:>8.1f} | ")
         print(row + " ".join(f"{r['breakdown_ms'][s]:>11.2f}" for s in STAGES) + f"  attention={r['attn_backend']}")
     ok = {n: r for n, r in results.items() if "oom" not in r}

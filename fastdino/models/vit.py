@@ -68,7 +68,8 @@ def drop_add_residual_subset(x: torch.Tensor, branch: Callable, drop_prob: float
         count = x.shape[0]
         kept = kept_sample_count(count, drop_prob)
         chosen = torch.randperm(count, device=x.device)[:kept]
-        residual = branch(x[chosen], None)
+        # index_select, not x[chosen]: its backward is an index_add, much faster than index_put's.
+        residual = branch(x.index_select(0, chosen), None)
         return torch.index_add(x, 0, chosen, residual.to(x.dtype), alpha=count / kept)
     tokens = x[0]
     rows, sub_groups, scales = [], [], []
@@ -79,7 +80,7 @@ def drop_add_residual_subset(x: torch.Tensor, branch: Callable, drop_prob: float
         sub_groups.append((kept, length))
         scales.append(count / kept)
     index = torch.cat(rows)
-    residual = branch(tokens[index].unsqueeze(0), PackedSequences(tuple(sub_groups)))[0].to(x.dtype)
+    residual = branch(tokens.index_select(0, index).unsqueeze(0), PackedSequences(tuple(sub_groups)))[0].to(x.dtype)
     out, offset = tokens, 0
     for (kept, length), rows_of_group, scale in zip(sub_groups, rows, scales):
         n = kept * length
