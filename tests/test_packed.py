@@ -264,18 +264,23 @@ def test_build_student_teacher_options_keep_the_state_dict_keys():
 
 
 def test_compiled_blocks_match_eager():
-    """Compiles a 1-block ViT on the CPU (about 15-30 s on 2 cores)."""
-    torch.manual_seed(0)
-    cfg = model_config("model.compile=true", "model.drop_path_rate=0.0", "model.attn_backend=sdpa")
+    """2 blocks: the first (no stochastic depth) compiles whole, the second compiles its MLP with
+    dynamic shapes (the kept subsets change size). Same seed, same draws: eager and compiled
+    agree. About 15-30 s on 2 CPU cores."""
+    cfg = model_config("model.compile=true", "model.depth=2", "model.drop_path_rate=0.5", "model.attn_backend=sdpa")
     nets = build_student_teacher(cfg)
     eager = build_student_teacher(OmegaConf.merge(cfg, {"compile": False})).student
     eager.load_state_dict(nets.student.state_dict())
-    crops = [torch.randn(2, 3, 16, 16) for _ in range(2)] + [torch.randn(2, 3, 8, 8) for _ in range(3)]
-    outputs = []
-    for net in (eager, nets.student):
-        out = net(crops)
-        out.square().sum().backward()
-        outputs.append((out, grads(net)))
-    torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=1e-5, rtol=1e-5)
-    for name, grad in outputs[0][1].items():
-        torch.testing.assert_close(outputs[1][1][name], grad, atol=1e-4, rtol=1e-4, msg=name)
+    crops = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    for step in range(2):  # the second step draws other subset sizes: no recompilation error
+        outputs = []
+        for net in (eager, nets.student):
+            net.zero_grad()
+            torch.manual_seed(step)
+            out = net(crops)
+            out.square().sum().backward()
+            outputs.append((out, grads(net)))
+        torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=1e-5, rtol=1e-5)
+        for name, grad in outputs[0][1].items():
+            # Inductor reorders float sums; gradients reach ~1e2 here: 1e-3 relative still catches a wrong graph.
+            torch.testing.assert_close(outputs[1][1][name], grad, atol=1e-4, rtol=1e-3, msg=name)

@@ -162,6 +162,11 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
+    @property
+    def drop_path_prob(self) -> float:
+        """This block's stochastic-depth rate (0 when it has none)."""
+        return self.drop_path.drop_prob if isinstance(self.drop_path, DropPath) else 0.0
+
     def attn_residual(self, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
         return self.attn(self.norm1(x), attn_bias)
 
@@ -173,7 +178,7 @@ class Block(nn.Module):
         `attn_bias` may be a `PackedSequences` for a packed `[1, T, D]` input."""
         if return_attention:
             return self.attn(self.norm1(x), attn_bias, return_weights=True)[1]
-        drop_prob = self.drop_path.drop_prob if self.training and isinstance(self.drop_path, DropPath) else 0.0
+        drop_prob = self.drop_path_prob if self.training else 0.0
         if drop_prob == 0.0:
             x = x + self.attn_residual(x, attn_bias)
             return x + self.mlp_residual(x)

@@ -86,10 +86,20 @@ def build_student_teacher(model_cfg) -> StudentTeacher:
 
 
 def compile_blocks(backbone: nn.Module) -> None:
-    """torch.compile each transformer block in place (`nn.Module.compile`), which keeps the
-    state_dict free of the `_orig_mod.` prefix a compiled wrapper module would add."""
+    """torch.compile the transformer blocks in place (`nn.Module.compile`), which keeps the
+    state_dict free of the `_orig_mod.` prefix a compiled wrapper module would add.
+
+    A block without stochastic depth (the teacher's, the student's first) compiles whole: its
+    shapes are the same every step. In a block with stochastic depth the kept subsets change
+    size every step and every block has its own rate, so a whole-block graph would recompile
+    until dynamo's recompile limit and then run eagerly; there only the MLP (where compile's
+    fusion pays: bias + GELU) is compiled, with dynamic shapes, one graph for every block.
+    """
     for block in backbone.blocks:
-        block.compile()
+        if block.drop_path_prob > 0.0:
+            block.mlp.compile(dynamic=True)
+        else:
+            block.compile()
 
 
 def param_groups(model: nn.Module) -> list[dict]:
