@@ -55,6 +55,10 @@ H100_MATRIX = [[f"model.arch={arch}", "model.patch_size=16", f"data.batch_size={
 TINY = [["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.img_size=32", "data.global_size=32",
          "data.local_size=16", "data.n_local_crops=4", "data.batch_size=8", "model.out_dim=1024",
          "model.head_hidden_dim=256", "model.head_bottleneck_dim=64"]]
+# The issue's targets on one H100 (2 x 224 + 10 x 96, K = 65536, bf16, batch 128), keyed by
+# (arch, patch, batch): (fastdino img/s, img/s over the official step, peak memory over the official's).
+TARGETS = {("vit_small", 16, 128): {"img_per_s": 3000.0, "speedup": 3.0, "memory_ratio": 0.5},
+           ("vit_base", 16, 128): {"img_per_s": 750.0}}
 PRESETS = {"h100": (H100_MATRIX, dict(steps=30, warmup=10, breakdown_steps=10)),
            "tiny": (TINY, dict(steps=4, warmup=2, breakdown_steps=2))}
 
@@ -497,6 +501,8 @@ def bench_config(cfg, args, device, report: Report) -> None:
         if "trace" in r:
             print(f"profile trace: {r['trace']}")
     print_table(tag, flops, results)
+    if device.type == "cuda":
+        check_targets(cfg, results, report)
     ok = {n: r for n, r in results.items() if "oom" not in r}
     if {"fastdino", "official"} <= ok.keys():
         report.record(f"train_step/{tag}/speedup", ok["fastdino"]["img_per_s"] / ok["official"]["img_per_s"],
@@ -505,6 +511,29 @@ def bench_config(cfg, args, device, report: Report) -> None:
             report.record(f"train_step/{tag}/memory_ratio",
                           ok["fastdino"]["peak_memory_gib"] / ok["official"]["peak_memory_gib"],
                           "x (fastdino peak / official peak)", config=tag)
+
+
+def check_targets(cfg, results: dict, report: Report) -> None:
+    """Measured against the issue's H100 targets, where this configuration has them."""
+    m, d = cfg.model, cfg.data
+    targets = TARGETS.get((m.arch, m.patch_size, d.batch_size))
+    if targets is None or (d.n_local_crops, d.global_size, d.local_size, m.out_dim) != (10, 224, 96, 65536):
+        return
+    fast, official = results.get("fastdino", {}), results.get("official", {})
+    measured = {"img_per_s": fast.get("img_per_s")}
+    if "img_per_s" in fast and "img_per_s" in official:
+        measured["speedup"] = fast["img_per_s"] / official["img_per_s"]
+    if "peak_memory_gib" in fast and "peak_memory_gib" in official:
+        measured["memory_ratio"] = fast["peak_memory_gib"] / official["peak_memory_gib"]
+    for key, target in targets.items():
+        value = measured.get(key)
+        if value is None:
+            print(f"target {key} {target:g}: not measured")
+            continue
+        met = value <= target if key == "memory_ratio" else value >= target
+        print(f"target {key} {'<=' if key == 'memory_ratio' else '>='} {target:g}: measured {value:.4g} "
+              f"({'met' if met else f'missed, {value / target:.0%} of the target'})")
+        report.record(f"train_step/{config_tag(cfg)}/target/{key}", value, key, target=target, met=met)
 
 
 def main(argv=None) -> None:
