@@ -399,6 +399,8 @@ class Report:
                            xformers=_version("xformers"), cuda=torch.version.cuda,
                            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            command=shlex.join(["fastdino", "bench", "train", *sys.argv[1:]]))
+        # Other processes on the machine skew every timing: keep the load next to the numbers.
+        self.common["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
 
     def record(self, what: str, value, unit: str, **extra) -> None:
         self.rows.append(dict(what=what, value=value, unit=unit, **extra))

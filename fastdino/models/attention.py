@@ -107,8 +107,9 @@ def _packed_attention(q, k, v, backend: str, scale: float, dropout_p: float,
     return torch.cat(outputs, dim=1).unsqueeze(0)
 
 
-# Dynamo does not trace into xformers' operators and AttentionBias objects: a compiled
-# block runs attention eagerly between its compiled halves.
+# Kept out of torch.compile graphs: whether dynamo traces xformers' operator dispatch and
+# AttentionBias objects depends on the xformers build (not testable here without a GPU); a
+# compiled block runs this attention eagerly between its compiled halves.
 @torch.compiler.disable
 def _xformers_attention(q, k, v, attn_bias, dropout_p: float, scale: float) -> torch.Tensor:
     import xformers.ops as xops
