@@ -1,5 +1,6 @@
 """`fastdino bench train` runs end to end on the CPU at tiny size: JSON rows and profile traces."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -47,6 +48,8 @@ def test_bench_train_bad_input_is_one_line(args, message, monkeypatch, capsys):
     from fastdino.cli import main
 
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # the bench command replaces sys.argv
+    # ... and adds a console log handler bound to this test's captured stderr: drop it afterwards.
+    monkeypatch.setattr(logging.getLogger(), "handlers", list(logging.getLogger().handlers))
     try:
         code = main(["bench", "train", "--preset", "tiny", *args])
     except SystemExit as exit_:
