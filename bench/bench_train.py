@@ -63,6 +63,15 @@ PRESETS = {"h100": (H100_MATRIX, dict(steps=30, warmup=10, breakdown_steps=10)),
            "tiny": (TINY, dict(steps=4, warmup=2, breakdown_steps=2))}
 
 
+def variant_list(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant {unknown[0] if unknown else text!r}; "
+                                         f"choose from {', '.join(VARIANTS)}")
+    return names
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastdino bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,7 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="experiment YAML on top of configs/default.yaml")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="h100: ViT-S/16 and ViT-B/16, 2x224 + 10x96, K=65536, batch 64 and 128; tiny: a CPU smoke run")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    # One comma-separated value, so that key=value overrides may follow it.
+    p.add_argument("--variants", type=variant_list, default=list(VARIANTS),
+                   help="comma-separated, from fastdino,official (default both)")
     p.add_argument("--data", default="synthetic",
                    help="'synthetic' (one fixed random batch, no loading) or a .beton path (live multi-crop loader)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
