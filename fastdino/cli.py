@@ -209,6 +209,7 @@ BENCH_SCRIPTS = {
     "kernels": "time the Triton loss and EMA kernels against their baselines and the bandwidth floor",
     "loader": "multi-crop loading img/s and CPU cores: the official PIL recipe against fastdino's loader",
     "memory": "parameter, gradient and optimizer-state bytes per rank under ZeRO 0/1/2 (analytic; --measure runs DeepSpeed)",
+    "train": "end-to-end training step img/s, MFU, memory and breakdown: fastdino against the official step",
 }
 
 

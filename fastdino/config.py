@@ -37,6 +37,10 @@ class ModelConfig:
     head_nlayers: int = MISSING
     use_bn_in_head: bool = MISSING
     norm_last_layer: bool = MISSING
+    drop_path_impl: str = MISSING
+    packed_crops: bool = MISSING
+    activation_checkpointing: bool = MISSING
+    compile: bool = MISSING
 
 
 @dataclass
@@ -148,6 +152,7 @@ CHOICES = {
     "model.arch": ("vit_tiny", "vit_small", "vit_base"),
     "model.patch_size": (4, 8, 16),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
+    "model.drop_path_impl": ("subset", "per_sample"),
     "data.decode": ("auto", "nvjpeg", "cpu"),
     "data.crops": ("auto", "opencv", "torch"),
     "data.order": ("random", "quasi_random"),

@@ -3,7 +3,11 @@
 FLOPs count a multiply-add as 2. Per ViT block over N tokens of width D with MLP
 ratio 4: 24*N*D^2 (qkv, projection, MLP) + 4*N^2*D (scores and weighted sum).
 The student runs forward + backward (3x forward) over every crop; the teacher
-runs forward over the 2 global crops.
+runs forward over the 2 global crops. Each crop's forward also counts the patch
+embedding and the DINO head (MLP and the K prototypes). shared/DESIGN.md's table leaves
+the patch embedding out: with it, 2 x 224 + 10 x 96 at K = 65536 costs 123.8 GF per image
+for ViT-S/16 (table: 122) and 474.1 GF for ViT-B/16 (table: 471); tests/test_metrics.py
+checks both against the table.
 """
 from __future__ import annotations
 

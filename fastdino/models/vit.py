@@ -2,8 +2,16 @@
 
 Module names, parameter shapes and initialisation follow facebookresearch/dino
 `vision_transformer.py`, so its checkpoints load with strict=True and outputs match.
-What differs is inside: attention goes through `fastdino.models.attention` (xformers /
-sdpa / math), and every forward also accepts an `attn_bias` for packed sequences.
+What differs is inside:
+- attention goes through `fastdino.models.attention` (xformers / sdpa / math);
+- `forward_packed` runs batches of different resolutions as ONE token sequence (patch
+  embedding per resolution, then every norm, projection and MLP once over all tokens;
+  attention block-diagonal per image), as DINOv2 does for multi-crop;
+- stochastic depth can compute a residual branch only for the samples it keeps
+  (`drop_path_impl="subset"`, DINOv2's trick) instead of computing it for every sample
+  and zeroing some (`"per_sample"`, the official way, kept as the reference twin);
+- optional activation checkpointing per block (`set_activation_checkpointing`), which
+  adds no module and so leaves the state_dict keys alone.
 """
 from __future__ import annotations
 
@@ -14,18 +22,73 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from fastdino.models.attention import BACKENDS, attention, attention_weights
+from fastdino.models.attention import BACKENDS, PackedSequences, attention, attention_weights
+
+DROP_PATH_IMPLS = ("subset", "per_sample")
 
 
-def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool, pack: PackedSequences | None = None) -> torch.Tensor:
     """Stochastic depth: zero the whole residual branch of a sample with probability
-    `drop_prob`, scaling survivors by 1/keep_prob so the expectation is unchanged."""
+    `drop_prob`, scaling survivors by 1/keep_prob so the expectation is unchanged.
+    With `pack`, x is `[1, T, D]` and a sample is one packed sequence."""
     if drop_prob == 0.0 or not training:
         return x
     keep_prob = 1.0 - drop_prob
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    if pack is None:
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    else:
+        keep = torch.cat([x.new_empty(count, 1).bernoulli_(keep_prob).expand(count, length).reshape(-1)
+                          for count, length in pack.groups]).view(1, -1, 1)
     return x * keep / keep_prob
+
+
+# A host-side draw: a compiled block breaks its graph here on purpose (and says nothing).
+@torch.compiler.disable
+def kept_sample_count(count: int, drop_prob: float) -> int:
+    """How many of `count` samples keep their residual branch: (1 - p) * count rounded
+    stochastically (so the expected share kept is exactly 1 - p even for small batches), at least 1."""
+    expected = (1.0 - drop_prob) * count
+    kept = math.floor(expected + torch.rand(()).item())  # CPU generator: no device sync
+    return min(count, max(1, kept))
+
+
+def drop_add_residual_subset(x: torch.Tensor, branch: Callable, drop_prob: float,
+                             pack: PackedSequences | None = None) -> torch.Tensor:
+    """x + stochastic-depth(branch(x)), computing the branch only for the samples kept.
+
+    Per group of samples (the batch, or each group of a pack) a random subset of
+    `kept_sample_count` samples runs the branch; its output is added back scaled by
+    count / kept. Each sample is kept with probability kept / count, so the result equals
+    x + branch(x) in expectation, like per-sample drop path, at (1 - p) of the cost.
+    `branch(subset, subset_pack)` maps its input to a residual of the same shape.
+    """
+    if pack is None:
+        count = x.shape[0]
+        kept = kept_sample_count(count, drop_prob)
+        chosen = torch.randperm(count, device=x.device)[:kept]
+        # index_select, not x[chosen]: its backward is an index_add, much faster than index_put's.
+        residual = branch(x.index_select(0, chosen), None)
+        return torch.index_add(x, 0, chosen, residual.to(x.dtype), alpha=count / kept)
+    tokens = x[0]
+    rows, sub_groups, scales = [], [], []
+    for (count, length), start in zip(pack.groups, pack.group_starts()):
+        kept = kept_sample_count(count, drop_prob)
+        chosen = torch.randperm(count, device=x.device)[:kept]
+        rows.append((start + chosen[:, None] * length + torch.arange(length, device=x.device)).flatten())
+        sub_groups.append((kept, length))
+        scales.append(count / kept)
+    index = torch.cat(rows)
+    residual = branch(tokens.index_select(0, index).unsqueeze(0), PackedSequences(tuple(sub_groups)))[0].to(x.dtype)
+    out, offset = tokens, 0
+    for (kept, length), rows_of_group, scale in zip(sub_groups, rows, scales):
+        n = kept * length
+        # The first add is out of place (x stays intact for autograd), later ones add into its result.
+        add = torch.index_add if out is tokens else torch.Tensor.index_add_
+        out = add(out, 0, rows_of_group, residual[offset:offset + n], alpha=scale)
+        offset += n
+    return out.unsqueeze(0)
 
 
 class DropPath(nn.Module):
@@ -33,8 +96,8 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training)
+    def forward(self, x: torch.Tensor, pack: PackedSequences | None = None) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training, pack)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
@@ -87,21 +150,45 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  qk_scale: float | None = None, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-                 attn_backend: str = "auto"):
+                 attn_backend: str = "auto", drop_path_impl: str = "subset"):
         super().__init__()
+        if drop_path_impl not in DROP_PATH_IMPLS:
+            raise ValueError(f"unknown drop_path_impl {drop_path_impl!r}; choose one of {', '.join(DROP_PATH_IMPLS)}")
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
                               proj_drop=drop, backend=attn_backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path_impl = drop_path_impl
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
+    @property
+    def drop_path_prob(self) -> float:
+        """This block's stochastic-depth rate (0 when it has none)."""
+        return self.drop_path.drop_prob if isinstance(self.drop_path, DropPath) else 0.0
+
+    def attn_residual(self, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
+        return self.attn(self.norm1(x), attn_bias)
+
+    def mlp_residual(self, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
+        return self.mlp(self.norm2(x))
+
     def forward(self, x: torch.Tensor, attn_bias=None, return_attention: bool = False) -> torch.Tensor:
-        """Next tokens, or with `return_attention` this block's attention probabilities instead."""
+        """Next tokens, or with `return_attention` this block's attention probabilities instead.
+        `attn_bias` may be a `PackedSequences` for a packed `[1, T, D]` input."""
         if return_attention:
             return self.attn(self.norm1(x), attn_bias, return_weights=True)[1]
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_bias))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        drop_prob = self.drop_path_prob if self.training else 0.0
+        if drop_prob == 0.0:
+            x = x + self.attn_residual(x, attn_bias)
+            return x + self.mlp_residual(x)
+        pack = attn_bias if isinstance(attn_bias, PackedSequences) else None
+        # A dense per-batch bias cannot follow a subset of the batch: that case drops per sample.
+        if self.drop_path_impl == "subset" and (pack is not None or attn_bias is None):
+            x = drop_add_residual_subset(x, self.attn_residual, drop_prob, pack)
+            return drop_add_residual_subset(x, self.mlp_residual, drop_prob, pack)
+        x = x + drop_path(self.attn_residual(x, attn_bias), drop_prob, True, pack)
+        return x + drop_path(self.mlp_residual(x), drop_prob, True, pack)
 
 
 class PatchEmbed(nn.Module):
@@ -123,7 +210,8 @@ class VisionTransformer(nn.Module):
                  num_classes: int = 0, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: float | None = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, attn_backend: str = "auto"):
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, attn_backend: str = "auto",
+                 drop_path_impl: str = "subset"):
         super().__init__()
         if attn_backend not in ("auto", *BACKENDS):
             raise ValueError(f"unknown attn_backend {attn_backend!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -139,8 +227,10 @@ class VisionTransformer(nn.Module):
         drop_path_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=rate, norm_layer=norm_layer, attn_backend=attn_backend)
+                  attn_drop=attn_drop_rate, drop_path=rate, norm_layer=norm_layer, attn_backend=attn_backend,
+                  drop_path_impl=drop_path_impl)
             for rate in drop_path_rates])
+        self.activation_checkpointing = False
         self.norm = norm_layer(embed_dim)
         # Kept for checkpoint compatibility; like the official model, forward never applies it.
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -170,12 +260,38 @@ class VisionTransformer(nn.Module):
         tokens = torch.cat((self.cls_token.expand(B, -1, -1), self.patch_embed(x)), dim=1)
         return self.pos_drop(tokens + self.interpolate_pos_encoding(H // p, W // p))
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward instead of keeping them (less memory,
+        about one more forward of compute). The RNG state is restored for the recomputation,
+        so stochastic depth draws the same samples twice."""
+        self.activation_checkpointing = enabled
+
+    def run_blocks(self, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
+        for block in self.blocks:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, attn_bias, use_reentrant=False)
+            else:
+                x = block(x, attn_bias)
+        return x
+
     def forward_features(self, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
         """All output tokens after the final norm, `[B, 1 + patches, D]`, CLS first."""
-        x = self.prepare_tokens(x)
-        for block in self.blocks:
-            x = block(x, attn_bias)
-        return self.norm(x)
+        return self.norm(self.run_blocks(self.prepare_tokens(x), attn_bias))
+
+    def forward_packed(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """CLS embeddings of several image batches of different sizes, `[sum B_i, D]` in order,
+        from ONE pass of the blocks over all their tokens packed into a `[1, T, D]` sequence.
+
+        Equal to `torch.cat([self(x) for x in batches])` up to float rounding: tokens only
+        meet inside attention, which stays within each image.
+        """
+        tokens = [self.prepare_tokens(x) for x in batches]
+        pack = PackedSequences(tuple((t.shape[0], t.shape[1]) for t in tokens))
+        x = self.run_blocks(torch.cat([t.flatten(0, 1) for t in tokens]).unsqueeze(0), pack)[0]
+        # The final norm is per token: normalising only the CLS tokens gives the same CLS outputs.
+        cls = [x[start:start + count * length].unflatten(0, (count, length))[:, 0]
+               for (count, length), start in zip(pack.groups, pack.group_starts())]
+        return self.norm(torch.cat(cls))
 
     def forward(self, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
         """The CLS embedding `[B, D]`."""

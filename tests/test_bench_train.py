@@ -1,0 +1,60 @@
+"""`fastdino bench train` runs end to end on the CPU at tiny size: JSON rows and profile traces."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_train_tiny_cpu_rows_and_traces(tmp_path):
+    out, traces = tmp_path / "rows.jsonl", tmp_path / "traces"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "fastdino", "bench", "train", "--preset", "tiny", "--device", "cpu", "--steps", "2",
+         "--warmup", "1", "--breakdown-steps", "1", "--profile", str(traces), "--profile-steps", "1",
+         "--json", str(out), "data.batch_size=3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fastdino / official:" in result.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by_what = {(row["what"], row["unit"]): row for row in rows}
+    tag = "vit_tiny8_d2_B3_2x32+4x16_K1024"
+    for variant in ("fastdino", "official"):
+        throughput = by_what[(f"train_step/{tag}/{variant}/throughput", "img/s")]
+        assert throughput["value"] > 0 and throughput["batch_size"] == 3 and throughput["precision"] == "fp32"
+        for stage in ("data_wait", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "ema"):
+            assert by_what[(f"train_step/{tag}/{variant}/breakdown/{stage}", "ms")]["value"] >= 0
+        trace = json.loads((traces / f"{tag}_{variant}.json").read_text())
+        names = {event.get("name") for event in trace["traceEvents"]}
+        assert {"student_forward", "backward", "ema"} <= names
+    assert by_what[(f"train_step/{tag}/fastdino/throughput", "img/s")]["attn_backend"] == "sdpa"
+    assert by_what[(f"train_step/{tag}/official/throughput", "img/s")]["attn_backend"] == "math"
+    assert any(row["what"] == f"train_step/{tag}/speedup" for row in rows)
+    for row in rows:
+        assert {"device", "torch", "triton", "date", "command"} <= row.keys()
+        assert row["command"].startswith("fastdino bench train --preset tiny")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "missing.beton"], "no such file"),
+    (["model.arch=vit_huge"], "model.arch"),
+])
+def test_bench_train_bad_input_is_one_line(args, message, monkeypatch, capsys):
+    from fastdino.cli import main
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the bench command replaces sys.argv
+    # ... and adds a console log handler bound to this test's captured stderr: drop it afterwards.
+    monkeypatch.setattr(logging.getLogger(), "handlers", list(logging.getLogger().handlers))
+    try:
+        code = main(["bench", "train", "--preset", "tiny", *args])
+    except SystemExit as exit_:
+        code, err = 1, str(exit_.code)
+    else:
+        err = capsys.readouterr().err
+    assert code != 0
+    assert message in err and len(err.strip().splitlines()) == 1, err

@@ -1,0 +1,286 @@
+"""Packed multi-crop forward, subset stochastic depth, activation checkpointing and compile:
+each against its plain twin (per-resolution forwards, per-sample drop path, no checkpointing,
+eager), forward and gradients, on fresh random inputs with stated tolerances."""
+import importlib
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fastdino.config import load_config
+from fastdino.models import DINOHead, PackedSequences, attention, vit_tiny
+from fastdino.models.vit import drop_add_residual_subset, drop_path
+from fastdino.ssl import MultiCropWrapper, build_student_teacher
+
+attention_module = importlib.import_module("fastdino.models.attention")
+
+# Crop layouts ([batch, side] per resolution group): the DINO layout in small, a single image,
+# an odd number of local crops of a third size, and a single resolution.
+LAYOUTS = {
+    "globals_and_locals": [(4, 16), (12, 8)],
+    "one_image": [(1, 16), (1, 8)],
+    "odd_three_sizes": [(2, 16), (3, 8), (5, 12)],
+    "single_resolution": [(3, 16)],
+}
+
+
+def tiny_vit(backend="math", **kwargs):
+    return vit_tiny(patch_size=4, img_size=[16], depth=2, embed_dim=32, num_heads=4, attn_backend=backend, **kwargs)
+
+
+def images(layout, dtype=torch.float32):
+    return [torch.randn(batch, 3, side, side, dtype=dtype) for batch, side in layout]
+
+
+def grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def packed_and_separate(model, batches):
+    """(packed output, its grads, per-resolution output, its grads) for the same weights and inputs."""
+    weights = torch.randn(sum(len(b) for b in batches), model.embed_dim)
+    model.zero_grad()
+    packed = model.forward_packed(batches)
+    (packed * weights).sum().backward()
+    packed_grads = grads(model)
+    model.zero_grad()
+    separate = torch.cat([model(b) for b in batches])
+    (separate * weights).sum().backward()
+    return packed, packed_grads, separate, grads(model)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_packed_forward_matches_per_resolution_fp32(backend, layout):
+    torch.manual_seed(0)
+    model = tiny_vit(backend).train()  # no drop path: train mode is deterministic
+    packed, packed_grads, separate, separate_grads = packed_and_separate(model, images(LAYOUTS[layout]))
+    assert packed.shape == separate.shape == (sum(b for b, _ in LAYOUTS[layout]), 32)
+    # fp32: only the summation order of a few matmuls differs.
+    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
+    assert packed_grads.keys() == separate_grads.keys() and "pos_embed" in packed_grads
+    for name in packed_grads:
+        torch.testing.assert_close(packed_grads[name], separate_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_packed_forward_matches_per_resolution_bf16_autocast(backend):
+    torch.manual_seed(1)
+    model = tiny_vit(backend)
+    batches = images(LAYOUTS["odd_three_sizes"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed, packed_grads, separate, separate_grads = packed_and_separate(model, batches)
+    reference, reference_grads, _, _ = packed_and_separate(model, batches)  # fp32
+    # bf16 keeps 8 mantissa bits; after 2 blocks and a LayerNorm (outputs O(1)) both bf16 paths
+    # must sit within 0.1 of the fp32 result and of each other; a wrong mask is off by O(1).
+    torch.testing.assert_close(packed.float(), separate.float(), atol=0.1, rtol=0)
+    torch.testing.assert_close(packed.float(), reference, atol=0.1, rtol=0)
+    for name in reference_grads:
+        scale = reference_grads[name].abs().max().item()
+        torch.testing.assert_close(packed_grads[name].float(), separate_grads[name].float(),
+                                   atol=0.1 * scale, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_packed_attention_equals_xformers_block_diagonal_mask(backend):
+    """The per-group path against xformers' own BlockDiagonalMask, materialised as a dense mask."""
+    pack = PackedSequences(((3, 5), (4, 2), (1, 7)))
+    q, k, v = (torch.randn(1, 2, pack.total_tokens, 8) for _ in range(3))
+    dense = pack.xformers_bias(torch.device("cpu")).materialize((1, 2, pack.total_tokens, pack.total_tokens))
+    expected = attention(q, k, v, "math", attn_bias=dense)
+    torch.testing.assert_close(attention(q, k, v, backend, attn_bias=pack), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_sequences_layout_and_errors():
+    pack = PackedSequences(((2, 197), (10, 37)))
+    assert pack.total_tokens == 2 * 197 + 10 * 37 and pack.num_sequences == 12
+    assert pack.group_starts() == [0, 394]
+    with pytest.raises(ValueError, match="groups"):
+        PackedSequences(((0, 5),))
+    q = torch.randn(1, 2, 10, 8)
+    with pytest.raises(ValueError, match="packed attention"):
+        attention(q, q, q, "math", attn_bias=pack)
+
+
+def xformers_runs_on_cuda() -> bool:
+    return torch.cuda.is_available() and attention_module.xformers_unavailable_reason("cuda:0") is None
+
+
+@pytest.mark.skipif(not xformers_runs_on_cuda(), reason="needs CUDA with working xformers kernels")
+def test_packed_xformers_on_cuda_matches_per_resolution():
+    torch.manual_seed(0)
+    model = tiny_vit("xformers").cuda()
+    batches = [b.cuda() for b in images(LAYOUTS["odd_three_sizes"])]
+    packed, packed_grads, separate, separate_grads = packed_and_separate(model, batches)
+    torch.testing.assert_close(packed, separate, atol=1e-4, rtol=1e-4)
+    for name in packed_grads:
+        torch.testing.assert_close(packed_grads[name], separate_grads[name], atol=1e-3, rtol=1e-3, msg=name)
+
+
+def test_multicrop_wrapper_packed_matches_per_resolution_and_keeps_order():
+    torch.manual_seed(0)
+    backbone = tiny_vit("sdpa")
+    head = DINOHead(32, 40, nlayers=2, hidden_dim=16, bottleneck_dim=8)
+    crops = [torch.randn(3, 3, 16, 16) for _ in range(2)] + [torch.randn(3, 3, 8, 8) for _ in range(5)]
+    packed_net = MultiCropWrapper(backbone, head, packed=True)
+    plain_net = MultiCropWrapper(backbone, head, packed=False)
+    logits, features = packed_net(crops, return_backbone=True)
+    assert logits.shape == (7 * 3, 40) and features.shape == (7 * 3, 32)
+    torch.testing.assert_close(logits, plain_net(crops), atol=1e-5, rtol=1e-5)
+    # Crop-major rows: rows 3c .. 3c+2 are crop c.
+    torch.testing.assert_close(features[5 * 3:6 * 3], backbone(crops[5]), atol=1e-5, rtol=1e-5)
+    # The teacher's globals are one resolution: a plain batch.
+    torch.testing.assert_close(packed_net(crops[:2]), plain_net(crops[:2]))
+
+
+# ---------------------------------------------------------------- stochastic depth
+
+def test_stochastic_depth_off_is_exact():
+    """p = 0, or eval mode, gives exactly the plain block whatever the implementation."""
+    torch.manual_seed(0)
+    plain = tiny_vit("sdpa")
+    x = images(LAYOUTS["globals_and_locals"])
+    for impl in ("subset", "per_sample"):
+        dropping = tiny_vit("sdpa", drop_path_rate=0.5, drop_path_impl=impl)
+        dropping.load_state_dict(plain.state_dict())
+        dropping.eval()
+        plain.eval()
+        assert torch.equal(dropping.forward_packed(x), plain.forward_packed(x))
+        assert torch.equal(dropping(x[0]), plain(x[0]))
+    block = plain.blocks[0]  # rate 0 at the first block: exact in train mode too
+    plain.train()
+    tokens = torch.randn(4, 17, 32)
+    assert torch.equal(block(tokens), tokens + block.attn_residual(tokens) + block.mlp_residual(
+        tokens + block.attn_residual(tokens)))
+
+
+def elementwise_branch(calls):
+    """A per-sample branch that records the batch it saw: residual = 2 t + 1."""
+    def branch(t, pack):
+        calls.append((t.shape, pack))
+        return 2 * t + 1
+    return branch
+
+
+@pytest.mark.parametrize("pack", [None, PackedSequences(((5, 3), (3, 2), (1, 4)))], ids=["batch", "packed"])
+def test_subset_stochastic_depth_is_unbiased_and_runs_only_kept_samples(pack):
+    torch.manual_seed(0)
+    p, draws = 0.3, 4000
+    x = torch.randn(1, pack.total_tokens, 4) if pack else torch.randn(6, 3, 4)
+    expected = x + (2 * x + 1)
+    calls = []
+    outputs = torch.stack([drop_add_residual_subset(x, elementwise_branch(calls), p, pack) for _ in range(draws)])
+    mean, std = outputs.mean(0), outputs.std(0)
+    # The mean of `draws` independent draws is within 5 standard errors of the expectation
+    # (a failure by chance has probability ~1e-6 per element).
+    # (Always-kept samples have std 0: float rounding of the mean gets 1e-5 of slack.)
+    assert ((mean - expected).abs() <= 5 * std / math.sqrt(draws) + 1e-5 * expected.abs().clamp(min=1)).all()
+    # The branch only ever saw the kept samples: on average (1 - p) of each group.
+    if pack is None:
+        kept = torch.tensor([shape[0] for shape, _ in calls], dtype=torch.float)
+        assert abs(kept.mean().item() - 0.7 * 6) < 0.1
+    else:
+        seen = torch.tensor([[count for count, _ in sub.groups] for _, sub in calls], dtype=torch.float)
+        assert all(shape[1] == sub.total_tokens for shape, sub in calls)
+        for i, (count, _) in enumerate(pack.groups):
+            assert abs(seen[:, i].mean().item() - max(0.7 * count, 1.0)) < 0.1
+            assert seen[:, i].min() >= 1 and seen[:, i].max() <= count
+
+
+def test_subset_stochastic_depth_keeps_or_drops_whole_samples():
+    torch.manual_seed(0)
+    pack = PackedSequences(((4, 3), (6, 2)))
+    x = torch.zeros(1, pack.total_tokens, 2)
+    out = drop_add_residual_subset(x, lambda t, sub: torch.ones_like(t), 0.5, pack)[0]
+    for (count, length), start in zip(pack.groups, pack.group_starts()):
+        per_sample = out[start:start + count * length].unflatten(0, (count, length))
+        kept = per_sample[:, 0, 0] > 0
+        assert torch.equal(per_sample, kept.float()[:, None, None].expand_as(per_sample) * count / kept.sum())
+
+
+def test_per_sample_drop_path_with_pack_drops_whole_sequences():
+    torch.manual_seed(0)
+    pack = PackedSequences(((50, 3), (70, 2)))
+    out = drop_path(torch.ones(1, pack.total_tokens, 2), 0.4, True, pack)[0]
+    for (count, length), start in zip(pack.groups, pack.group_starts()):
+        per_sample = out[start:start + count * length].unflatten(0, (count, length)).flatten(1)
+        assert ((per_sample == 0).all(1) | (per_sample == 1 / 0.6).all(1)).all()
+
+
+@pytest.mark.parametrize("impl", ["subset", "per_sample"])
+def test_model_trains_with_stochastic_depth_packed(impl):
+    torch.manual_seed(0)
+    model = tiny_vit("sdpa", drop_path_rate=0.5, drop_path_impl=impl).train()
+    out = model.forward_packed(images(LAYOUTS["odd_three_sizes"]))
+    out.square().sum().backward()
+    assert out.shape == (10, 32) and all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                         if p.grad is not None)
+    with pytest.raises(ValueError, match="drop_path_impl"):
+        tiny_vit(drop_path_impl="fast")
+
+
+# ---------------------------------------------------------------- activation checkpointing, compile
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_activation_checkpointing_same_outputs_and_grads(packed):
+    """With stochastic depth on: the recomputation must redraw the same kept samples."""
+    torch.manual_seed(0)
+    model = tiny_vit("sdpa", drop_path_rate=0.4)
+    batches = images(LAYOUTS["globals_and_locals"])
+    results = []
+    for checkpointing in (False, True):
+        model.set_activation_checkpointing(checkpointing)
+        model.zero_grad()
+        torch.manual_seed(123)
+        out = model.forward_packed(batches) if packed else model(batches[0])
+        out.square().sum().backward()
+        results.append((out, grads(model)))
+    (out_plain, grads_plain), (out_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(out_ckpt, out_plain, atol=1e-6, rtol=1e-6)
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def model_config(*overrides):
+    return load_config(None, ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=4", "model.img_size=16",
+                              "data.global_size=16", "data.local_size=8", "model.out_dim=16",
+                              "model.head_hidden_dim=16", "model.head_bottleneck_dim=8", "data.path=x",
+                              *overrides]).model
+
+
+def test_build_student_teacher_options_keep_the_state_dict_keys():
+    plain = build_student_teacher(model_config("model.packed_crops=false"))
+    fast = build_student_teacher(model_config("model.packed_crops=true", "model.activation_checkpointing=true",
+                                              "model.compile=true"))
+    assert fast.student.packed and not plain.student.packed
+    assert fast.student.backbone.activation_checkpointing and not fast.teacher.backbone.activation_checkpointing
+    for a, b in ((plain.student, fast.student), (plain.teacher, fast.teacher), (fast.student, fast.teacher)):
+        assert list(a.state_dict()) == list(b.state_dict())
+        assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+    assert not any("_orig_mod" in key or "checkpoint" in key for key in fast.student.state_dict())
+    with pytest.raises(ValueError, match="drop_path_impl"):
+        model_config("model.drop_path_impl=fast")
+
+
+def test_compiled_blocks_match_eager():
+    """2 blocks: the first (no stochastic depth) compiles whole, the second compiles its MLP with
+    dynamic shapes (the kept subsets change size). Same seed, same draws: eager and compiled
+    agree. About 15-30 s on 2 CPU cores."""
+    cfg = model_config("model.compile=true", "model.depth=2", "model.drop_path_rate=0.5", "model.attn_backend=sdpa")
+    nets = build_student_teacher(cfg)
+    eager = build_student_teacher(OmegaConf.merge(cfg, {"compile": False})).student
+    eager.load_state_dict(nets.student.state_dict())
+    crops = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    for step in range(2):  # the second step draws other subset sizes: no recompilation error
+        outputs = []
+        for net in (eager, nets.student):
+            net.zero_grad()
+            torch.manual_seed(step)
+            out = net(crops)
+            out.square().sum().backward()
+            outputs.append((out, grads(net)))
+        torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=1e-5, rtol=1e-5)
+        for name, grad in outputs[0][1].items():
+            # Inductor reorders float sums; gradients reach ~1e2 here: 1e-3 relative still catches a wrong graph.
+            torch.testing.assert_close(outputs[1][1][name], grad, atol=1e-4, rtol=1e-3, msg=name)
