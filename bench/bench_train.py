@@ -167,39 +167,40 @@ class FastdinoStep:
     name = "fastdino"
 
     def __init__(self, cfg, device: torch.device):
-        from fastdino.ssl import DINOLoss, build_student_teacher, param_groups
+        from fastdino.parallel import DistEnv, apply_parallelism
+        from fastdino.ssl import DINOLoss, build_student_teacher
 
         nets = build_student_teacher(cfg.model)
-        self.student, self.teacher = nets.student.to(device), nets.teacher.to(device)
+        # One process: apply_parallelism gives the trainer's plain module and DINOAdamW
+        # (per-parameter clipping and the last-layer freeze inside step()).
+        self.runner, self.teacher = apply_parallelism(nets.student.to(device), nets.teacher.to(device), cfg,
+                                                      DistEnv(rank=0, world_size=1, local_rank=0))
+        self.student = self.runner.module
         self.cfg, self.device = cfg, device
         self.ncrops = 2 + cfg.data.n_local_crops
         self.loss_fn = DINOLoss(cfg.model.out_dim, self.ncrops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
                                 cfg.dino.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.dino.student_temp,
                                 cfg.dino.center_momentum, impl=cfg.dino.loss_impl).to(device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=lr(cfg), betas=tuple(cfg.optim.betas))
-        self.optimizer.param_groups[0]["weight_decay"] = cfg.optim.weight_decay
+        for group in self.runner.param_groups:
+            group.update(lr=lr(cfg), weight_decay=cfg.optim.weight_decay if group["decay"] else 0.0)
         self.epoch = cfg.optim.freeze_last_layer
         self.amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def __call__(self, crops, stage) -> None:
-        from fastdino.ssl import cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update_
+        from fastdino.ssl import ema_update_
 
         cfg = self.cfg
         with autocast(self.device, self.amp_dtype):
             with stage("teacher_forward"), torch.no_grad():
                 teacher_output = self.teacher(crops[:2])
             with stage("student_forward"):
-                student_output = self.student(crops)
+                student_output = self.runner(crops)
             with stage("loss"):
                 loss = self.loss_fn(student_output, teacher_output, self.epoch)
         with stage("backward"):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.runner.backward(loss)
         with stage("optimizer"):
-            if cfg.optim.clip_grad > 0:
-                clip_gradients_per_parameter(self.student, cfg.optim.clip_grad)
-            cancel_last_layer_gradients(self.student, self.epoch, cfg.optim.freeze_last_layer)
-            self.optimizer.step()
+            self.runner.step()  # clips per parameter, AdamW, clears the gradients
         with stage("ema"):
             ema_update_(self.teacher, self.student, cfg.dino.momentum_teacher, impl=cfg.dino.ema_impl)
 
@@ -212,7 +213,7 @@ class OfficialStep:
     def __init__(self, cfg, device: torch.device):
         from omegaconf import OmegaConf
 
-        from fastdino.ssl import build_student_teacher, param_groups
+        from fastdino.ssl import build_student_teacher
 
         # The official model: plain attention, one forward per resolution, per-sample drop path.
         model_cfg = OmegaConf.merge(cfg.model, {"attn_backend": "math", "packed_crops": False,
@@ -223,8 +224,13 @@ class OfficialStep:
         self.cfg, self.device = cfg, device
         self.ncrops = 2 + cfg.data.n_local_crops
         self.center = torch.zeros(1, cfg.model.out_dim, device=device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=lr(cfg), betas=tuple(cfg.optim.betas))
-        self.optimizer.param_groups[0]["weight_decay"] = cfg.optim.weight_decay
+        # main_dino.py's utils.get_params_groups: biases and 1-D parameters get no weight decay
+        params = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+        regularized = [p for n, p in params if not (n.endswith(".bias") or p.ndim <= 1)]
+        not_regularized = [p for n, p in params if n.endswith(".bias") or p.ndim <= 1]
+        self.optimizer = torch.optim.AdamW([{"params": regularized, "weight_decay": cfg.optim.weight_decay},
+                                            {"params": not_regularized, "weight_decay": 0.0}],
+                                           lr=lr(cfg), betas=tuple(cfg.optim.betas))
         self.epoch = cfg.optim.freeze_last_layer
         cuda = device.type == "cuda"
         self.amp_dtype = torch.float16 if cuda else None

@@ -214,19 +214,39 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     assert load_checkpoint(complete)["step"] == 4
 
 
+def official_param_groups(model):
+    """main_dino.py's utils.get_params_groups: biases and 1-D parameters get no weight decay."""
+    regularized = [p for n, p in model.named_parameters() if not (n.endswith(".bias") or p.ndim <= 1)]
+    not_regularized = [p for n, p in model.named_parameters() if n.endswith(".bias") or p.ndim <= 1]
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def official_clip_and_cancel(model, clip, frozen):
+    """main_dino.py's utils.clip_gradients (each parameter on its own) then cancel_gradients_last_layer."""
+    for p in model.parameters():
+        if p.grad is not None:
+            coef = clip / (p.grad.norm(2) + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+    for name, p in model.named_parameters():
+        if frozen and "last_layer" in name:
+            p.grad = None
+
+
 def test_dino_adamw_matches_official_clipping_and_frozen_last_layer():
     """DINOAdamW (clipping and freezing inside step) against the official sequence: per-parameter
     clipping, grad=None on the last layer while frozen, torch AdamW; random gradients, 6 steps."""
     from fastdino.models import DINOHead
-    from fastdino.parallel import DINOAdamW, dino_param_groups
-    from fastdino.ssl.meta_arch import cancel_last_layer_gradients, clip_gradients_per_parameter, param_groups
+    from fastdino.parallel import DINOAdamW
+    from fastdino.ssl import param_groups
 
     torch.manual_seed(0)
     ours = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
     ours.add_module("head", DINOHead(5, 11, hidden_dim=9, bottleneck_dim=3))
     reference = __import__("copy").deepcopy(ours)
-    optimizer = DINOAdamW(dino_param_groups(ours), lr=0.0, clip_grad=0.5)
-    official = torch.optim.AdamW(param_groups(reference), lr=0.0)
+    optimizer = DINOAdamW(param_groups(ours), lr=0.0, clip_grad=0.5)
+    official = torch.optim.AdamW(official_param_groups(reference), lr=0.0)
     for step in range(6):
         frozen, lr, wd = step < 3, 0.01 * (step + 1), 0.04 + 0.01 * step
         for group in optimizer.param_groups:
@@ -238,11 +258,24 @@ def test_dino_adamw_matches_official_clipping_and_frozen_last_layer():
                 a.grad = torch.randn_like(a) * (3.0 if step % 2 else 0.1)
                 b.grad = a.grad.clone()
         optimizer.step()
-        clip_gradients_per_parameter(reference, 0.5)
-        cancel_last_layer_gradients(reference, epoch=0 if frozen else 1, freeze_last_layer=1)
+        official_clip_and_cancel(reference, 0.5, frozen)
         official.step()
         for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"step {step}: {name}")
+
+
+def test_param_groups_tag_decay_and_last_layer():
+    from fastdino.models import DINOHead
+    from fastdino.ssl import param_groups
+
+    net = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
+    net.add_module("head", DINOHead(5, 11, nlayers=2, hidden_dim=9, bottleneck_dim=3, norm_last_layer=True))
+    net[0].weight.requires_grad_(False)
+    shapes = {(g["decay"], g["last_layer"]): sorted(tuple(p.shape) for p in g["params"]) for g in param_groups(net)}
+    # weight_g of a normalised last layer is frozen (requires_grad False) and left out
+    assert shapes == {(True, False): [(3, 9), (9, 5)], (False, False): [(3,), (5,), (5,), (5,), (9,)],
+                      (True, True): [(11, 3)]}
+    assert all(g["weight_decay"] == 0.0 and not g["frozen"] for g in param_groups(net))
 
 
 NONFINITE_CHILD = textwrap.dedent("""

@@ -76,6 +76,13 @@ def test_nonfinite_loss_names_the_step(tmp_path, digits_betons, monkeypatch):
     monkeypatch.setattr(DINOLoss, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match="at step 2"):
         Trainer(tiny_config(tmp_path / "err", train, "max_steps=4")).train()
+    # Checked without a host sync per step: found at the next log/checkpoint point, still naming
+    # step 2, and nothing computed after it was logged or saved.
+    calls["n"] = 0
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        Trainer(tiny_config(tmp_path / "deferred", train, "max_steps=6", "log_every=5")).train()
+    assert [r["step"] for r in read_log(tmp_path / "deferred")] == [0]
+    assert list_checkpoints(tmp_path / "deferred" / "checkpoints") == []
     calls["n"] = 0
     summary = Trainer(tiny_config(tmp_path / "skip", train, "max_steps=4", "on_nonfinite_loss=skip")).train()
     assert summary["steps"] == 4

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from fastdino.parallel.distributed import DistEnv, use_cpu_accelerator_for_deepspeed
-from fastdino.parallel.optim import DINOAdamW, PartitionFragments, dino_param_groups
+from fastdino.parallel.optim import DINOAdamW, PartitionFragments
+from fastdino.ssl import param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def apply_parallelism(student: nn.Module, teacher: nn.Module, cfg, env: DistEnv)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         elif env.is_main:  # torch's SyncBatchNorm runs on GPUs only
             logger.warning("batch norm in the head uses per-rank batch statistics on CPU (SyncBatchNorm needs GPUs)")
-    optimizer = DINOAdamW(dino_param_groups(student), lr=0.0, betas=tuple(cfg.optim.betas),
+    optimizer = DINOAdamW(param_groups(student), lr=0.0, betas=tuple(cfg.optim.betas),
                           clip_grad=cfg.optim.clip_grad)
     stage = cfg.parallel.zero_stage
     if not uses_deepspeed(stage, env.world_size):

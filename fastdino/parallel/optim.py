@@ -19,21 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
-
-def dino_param_groups(model: nn.Module) -> list[dict]:
-    """The official split (biases and 1-D parameters get no weight decay), with the head's
-    last layer in groups of its own. Tags: `decay` (takes the weight-decay schedule) and
-    `last_layer` (frozen during the first optim.freeze_last_layer epochs). Empty groups are left out."""
-    groups = {(decay, last): [] for decay in (True, False) for last in (False, True)}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = not (name.endswith(".bias") or param.ndim <= 1)
-        groups[(decay, "last_layer" in name)].append(param)
-    return [{"params": params, "decay": decay, "last_layer": last, "frozen": False,
-             "weight_decay": 0.0} for (decay, last), params in groups.items() if params]
 
 
 class DINOAdamW(torch.optim.AdamW):

@@ -1,8 +1,6 @@
-"""DINO's self-supervised logic: loss, EMA teacher, student/teacher wrappers."""
+"""DINO's self-supervised logic: loss, EMA teacher, student/teacher wrappers, parameter groups."""
 from fastdino.ssl.ema import ema_update_
 from fastdino.ssl.loss import DINOLoss
-from fastdino.ssl.meta_arch import (MultiCropWrapper, build_student_teacher, cancel_last_layer_gradients,
-                                    clip_gradients_per_parameter, param_groups)
+from fastdino.ssl.meta_arch import MultiCropWrapper, build_student_teacher, param_groups
 
-__all__ = ["DINOLoss", "ema_update_", "MultiCropWrapper", "build_student_teacher", "param_groups",
-           "clip_gradients_per_parameter", "cancel_last_layer_gradients"]
+__all__ = ["DINOLoss", "ema_update_", "MultiCropWrapper", "build_student_teacher", "param_groups"]

@@ -103,40 +103,16 @@ def compile_blocks(backbone: nn.Module) -> None:
 
 
 def param_groups(model: nn.Module) -> list[dict]:
-    """Official split: biases and 1-D parameters (norms, gains) get no weight decay.
-
-    Group 0 is the regularised one: the training loop puts the weight-decay
-    schedule on it and keeps group 1 at zero.
-    """
-    regularized, not_regularized = [], []
+    """The official split (biases and 1-D parameters get no weight decay), with the head's
+    last layer in groups of its own, as `fastdino.parallel.DINOAdamW` wants them. Tags:
+    `decay` (takes the weight-decay schedule) and `last_layer` (frozen during the first
+    optim.freeze_last_layer epochs: DINOAdamW skips groups whose `frozen` is set). Empty
+    groups are left out."""
+    groups = {(decay, last): [] for decay in (True, False) for last in (False, True)}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.endswith(".bias") or param.ndim <= 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
-
-
-@torch.no_grad()
-def clip_gradients_per_parameter(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Official DINO clipping: each parameter's gradient is scaled to norm <= max_norm on
-    its own (not the global norm). Returns the per-parameter norms before clipping,
-    without a host sync."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros(0)
-    norms = torch.stack(torch._foreach_norm(grads, 2.0))
-    scales = (max_norm / (norms.float() + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, list(scales.to(grads[0].dtype).unbind()))
-    return norms
-
-
-def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
-    """The head's last layer gets no update during the first `freeze_last_layer` epochs."""
-    if epoch >= freeze_last_layer:
-        return
-    for name, param in model.named_parameters():
-        if "last_layer" in name:
-            param.grad = None
+        decay = not (name.endswith(".bias") or param.ndim <= 1)
+        groups[(decay, "last_layer" in name)].append(param)
+    return [{"params": params, "decay": decay, "last_layer": last, "frozen": False,
+             "weight_decay": 0.0} for (decay, last), params in groups.items() if params]

@@ -39,6 +39,9 @@ from fastdino.train.schedules import build_schedules
 logger = logging.getLogger(__name__)
 
 
+NO_STEP = 2**62  # "no non-finite loss yet": above every step, so the minimum over ranks finds the first
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
 
@@ -131,6 +134,7 @@ class Trainer:
         if resume:
             self._resume(resume)
         self._stop_requested = False
+        self._first_nonfinite = torch.tensor(NO_STEP, device=self.device)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _resume(self, resume: str) -> None:
@@ -274,13 +278,13 @@ class Trainer:
                         teacher_output, teacher_features = self.teacher(crops[:2], return_backbone=True)
                     student_output = self.runner(crops)
                     loss = self.dino_loss(student_output, teacher_output, epoch)
-                nonfinite, stop = self._check_step(loss)
+                if cfg.on_nonfinite_loss == "skip":  # deciding whether to update needs the answer now: a host sync
+                    nonfinite, stop = self._check_step(loss)
+                else:
+                    self._note_nonfinite(loss, step)
+                    nonfinite, stop = False, False
                 if nonfinite:
-                    where = "" if self.dist.world_size == 1 else " on at least one rank"
-                    message = f"non-finite loss{where} at step {step} (epoch {epoch})"
-                    if cfg.on_nonfinite_loss == "error":
-                        raise NonFiniteLossError(message + "; the last checkpoint is intact (resume with --resume auto)")
-                    logger.warning("%s: skipping this step's update", message)
+                    logger.warning("%s: skipping this step's update", self._nonfinite_message(step))
                     self.runner.zero_grad()
                 else:
                     self.runner.backward(loss)
@@ -290,7 +294,15 @@ class Trainer:
                 done = step + 1
                 progress.update(1)
 
-                if done % cfg.log_every == 0 or step == self.start_step or done == self.total_steps:
+                logged = done % cfg.log_every == 0 or step == self.start_step or done == self.total_steps
+                run_knn = cfg.eval.knn_every > 0 and self.knn_enabled() and done % cfg.eval.knn_every == 0 \
+                    and done < self.total_steps
+                save = done % cfg.checkpoint_every == 0 or done == self.total_steps
+                # Every rank reaches the same check points (a local stop request only counts on one rank).
+                local_stop = self.dist.world_size == 1 and self._stop_requested
+                if cfg.on_nonfinite_loss == "error" and (logged or run_knn or save or local_stop):
+                    stop = self._deferred_check()  # before anything is logged, evaluated or saved
+                if logged:
                     loss_value = self._mean_over_ranks(loss)
                     elapsed = time.perf_counter() - time_since_log
                     img_per_s = images_since_log / max(elapsed, 1e-9)
@@ -324,10 +336,9 @@ class Trainer:
                                     last_record["loss"], values["lr"], img_per_s)
                     images_since_log, time_since_log, data_wait = 0, time.perf_counter(), 0.0
 
-                if cfg.eval.knn_every > 0 and self.knn_enabled() and done % cfg.eval.knn_every == 0 \
-                        and done < self.total_steps:
+                if run_knn:
                     self._run_knn(log_path, done, epoch)
-                if done % cfg.checkpoint_every == 0 or done == self.total_steps or stop:
+                if save or stop:
                     self.save(done)
                 if stop:
                     raise TrainingInterrupted(f"interrupted after step {done}; checkpoint saved in "
@@ -353,10 +364,33 @@ class Trainer:
         barrier()
         return record
 
+    def _nonfinite_message(self, step: int) -> str:
+        where = "" if self.dist.world_size == 1 else " on at least one rank"
+        return f"non-finite loss{where} at step {step} (epoch {step // self.steps_per_epoch})"
+
+    def _note_nonfinite(self, loss: torch.Tensor, step: int) -> None:
+        """on_nonfinite_loss=error: remembers the first non-finite step on the device, without
+        a host sync; _deferred_check reads it before anything is logged, evaluated or saved."""
+        bad = ~torch.isfinite(loss.detach())
+        self._first_nonfinite = torch.where(bad & (self._first_nonfinite == NO_STEP), step, self._first_nonfinite)
+
+    def _deferred_check(self) -> bool:
+        """Raises NonFiniteLossError naming the first non-finite step since the start (the steps
+        after it ran on NaN weights, but nothing of theirs was saved); else returns whether a
+        stop was requested, agreed by every rank (one tiny all-reduce of both flags)."""
+        flags = torch.stack([self._first_nonfinite, torch.tensor(-int(self._stop_requested), device=self.device)])
+        if self.dist.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        first_nonfinite, stop = flags.tolist()
+        if first_nonfinite != NO_STEP:
+            raise NonFiniteLossError(self._nonfinite_message(first_nonfinite) +
+                                     "; the last checkpoint is intact (resume with --resume auto)")
+        return stop < 0
+
     def _check_step(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """(loss is non-finite, stop requested), the same on every rank. One process: the
-        finiteness check is the step's only host sync. Several ranks: one tiny all-reduce, so
-        every rank skips or stops at the same step (a rank that went on alone would hang)."""
+        """on_nonfinite_loss=skip: (loss is non-finite, stop requested), the same on every rank.
+        One process: the finiteness check is a host sync every step. Several ranks: one tiny
+        all-reduce, so every rank skips or stops at the same step (a rank that went on alone would hang)."""
         if self.dist.world_size == 1:
             return not bool(torch.isfinite(loss)), self._stop_requested
         flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
