@@ -318,7 +318,8 @@ class BetonData:
         d = cfg.data
         self.loader = multicrop_loader(path, d.batch_size, n_local_crops=d.n_local_crops, global_size=d.global_size,
                                        local_size=d.local_size, device=str(device), seed=cfg.seed, augment=d.augment,
-                                       num_workers=d.num_workers)
+                                       num_workers=d.num_workers, decode=d.decode, crops=d.crops, order=d.order,
+                                       os_cache=d.os_cache, batches_ahead=d.batches_ahead)
 
     def __iter__(self):
         epoch = 0

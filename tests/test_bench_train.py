@@ -40,6 +40,20 @@ def test_bench_train_tiny_cpu_rows_and_traces(tmp_path):
         assert row["command"].startswith("fastdino bench train --preset tiny")
 
 
+def test_bench_train_on_a_beton(tmp_path, digits_betons):
+    """--data PATH feeds both variants from the real loader (16-px digits, so 16/8-px crops)."""
+    out = tmp_path / "rows.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "fastdino", "bench", "train", "--preset", "tiny", "--device", "cpu", "--steps", "2",
+         "--warmup", "1", "--breakdown-steps", "1", "--data", str(digits_betons[0]), "--json", str(out),
+         "data.batch_size=4", "data.global_size=16", "data.local_size=8", "model.img_size=16"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    throughput = [row for row in rows if row["what"].endswith("/throughput")]
+    assert len(throughput) == 2 and all(row["data"] != "synthetic" and row["value"] > 0 for row in throughput)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "missing.beton"], "no such file"),
     (["model.arch=vit_huge"], "model.arch"),
