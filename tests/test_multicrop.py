@@ -113,6 +113,25 @@ def test_opencv_path_seeded_and_typed(batch):
     crops.close()
 
 
+def test_opencv_path_reuses_outputs_only_once_released(batch):
+    canvases, sizes = batch
+    crops, fresh = CpuMultiCrop(2), CpuMultiCrop(1)
+    options = dict(n_local_crops=1, global_size=40, local_size=24)
+    first = crops(canvases, sizes, torch.Generator().manual_seed(1), **options)
+    kept = first[0][1:]  # a view keeps the batch's memory in use after its tensors are gone
+    snapshot = kept.clone()
+    del first
+    second = crops(canvases, sizes, torch.Generator().manual_seed(2), **options)
+    assert torch.equal(kept, snapshot)
+    released = {view.data_ptr() for view in second}
+    del second, kept
+    third = crops(canvases, sizes, torch.Generator().manual_seed(3), **options)
+    assert {view.data_ptr() for view in third} == released
+    expected = fresh(canvases, sizes, torch.Generator().manual_seed(3), **options)
+    assert all(torch.equal(a, b) for a, b in zip(third, expected))
+    crops.close(), fresh.close()
+
+
 def test_pick_paths():
     assert pick_paths("cpu", "auto", "auto") == (torch.device("cpu"), "cpu", "opencv")
     assert pick_paths("cpu", "cpu", "torch")[2] == "torch"

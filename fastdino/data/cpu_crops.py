@@ -10,49 +10,85 @@ multicrop.py's float tensor code is this path's reference (and the GPU path).
 """
 import dataclasses
 import math
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastdino.data.multicrop import ViewDraws, augment_params, draw_views, view_specs
 
 SOLARIZE_TABLE = np.where(np.arange(256) >= 128, 255 - np.arange(256), np.arange(256)).astype(np.uint8)
 
 
-def resize_crop(image, box, size):
-    """uint8 HWC crop `box` (top, left, h, w) of `image` -> uint8 [size, size, 3], antialiased bicubic (as PIL)."""
+def resize_crop(image, box, size, out=None, scratch=None):
+    """uint8 HWC crop `box` (top, left, h, w) of `image` -> uint8 [size, size, 3], antialiased bicubic (as PIL).
+
+    out: the uint8 [size, size, 3] result buffer; scratch: a Scratch to copy the crop into.
+    """
     top, left, h, w = box
-    crop = torch.from_numpy(image[top: top + h, left: left + w]).permute(2, 0, 1)[None]
-    resized = F.interpolate(crop.contiguous(memory_format=torch.channels_last), size=(size, size), mode="bicubic",
-                            antialias=True, align_corners=False)
-    return np.ascontiguousarray(resized[0].permute(1, 2, 0).numpy())
+    crop = image[top: top + h, left: left + w]
+    # torch's fast uint8 kernel wants a dense channels-last input; it writes straight into `out`
+    if scratch is None:
+        source = np.ascontiguousarray(crop)
+    else:
+        source = scratch.flat("source", h * w * 3)[: h * w * 3].reshape(h, w, 3)
+        np.copyto(source, crop)
+    if out is None:
+        out = np.empty((size, size, 3), np.uint8)
+    torch.ops.aten._upsample_bicubic2d_aa.out(torch.from_numpy(source).permute(2, 0, 1)[None], [size, size], False,
+                                              None, None, out=torch.from_numpy(out).permute(2, 0, 1)[None])
+    return out
 
 
-def gray(x):
-    return cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)  # ITU-R 601-2 luma, as PIL's "L"
+class Scratch(threading.local):
+    """Each thread's reusable work buffers: a fresh allocation per crop step costs page faults."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name, shape):
+        key = (name, shape)
+        if key not in self.buffers:
+            self.buffers[key] = np.empty(shape, np.uint8)
+        return self.buffers[key]
+
+    def flat(self, name, length):
+        """A 1-D buffer of at least `length` bytes, grown as needed."""
+        buffer = self.buffers.get(name)
+        if buffer is None or len(buffer) < length:
+            buffer = self.buffers[name] = np.empty(max(length, 2 * len(buffer) if buffer is not None else 0), np.uint8)
+        return buffer
 
 
-def adjust_brightness(x, factor):  # PIL ImageEnhance.Brightness: blend with black
-    return cv2.convertScaleAbs(x, alpha=factor)
+def gray(x, out=None):
+    return cv2.cvtColor(x, cv2.COLOR_RGB2GRAY, dst=out)  # ITU-R 601-2 luma, as PIL's "L"
 
 
-def adjust_contrast(x, factor):  # PIL ImageEnhance.Contrast: blend with the mean grey level (rounded)
-    mean = int(cv2.mean(gray(x))[0] + 0.5)
-    return cv2.addWeighted(x, factor, x, 0.0, mean * (1.0 - factor))
+# The jitter ops: uint8 RGB x -> adjusted copy, or into `out` (which may be x itself).
+def adjust_brightness(x, factor, out=None, scratch=None):  # PIL ImageEnhance.Brightness: blend with black
+    return cv2.convertScaleAbs(x, dst=out, alpha=factor)
 
 
-def adjust_saturation(x, factor):  # PIL ImageEnhance.Color: blend with the grey image
-    return cv2.addWeighted(x, factor, cv2.cvtColor(gray(x), cv2.COLOR_GRAY2RGB), 1.0 - factor, 0.0)
+def adjust_contrast(x, factor, out=None, scratch=None):  # PIL ImageEnhance.Contrast: blend with the mean grey (rounded)
+    mean = int(cv2.mean(gray(x, None if scratch is None else scratch.get("gray", x.shape[:2])))[0] + 0.5)
+    return cv2.addWeighted(x, factor, x, 0.0, mean * (1.0 - factor), dst=out)
 
 
-def adjust_hue(x, shift):
+def adjust_saturation(x, factor, out=None, scratch=None):  # PIL ImageEnhance.Color: blend with the grey image
+    grey = None if scratch is None else scratch.get("gray", x.shape[:2])
+    grey_rgb = None if scratch is None else scratch.get("gray_rgb", x.shape)
+    grey_rgb = cv2.cvtColor(gray(x, grey), cv2.COLOR_GRAY2RGB, dst=grey_rgb)
+    return cv2.addWeighted(x, factor, grey_rgb, 1.0 - factor, 0.0, dst=out)
+
+
+def adjust_hue(x, shift, out=None, scratch=None):
     """torchvision's PIL hue: HSV with hue in 0..255, shifted by int(shift * 255) with wrap-around."""
-    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
+    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL, dst=None if scratch is None else scratch.get("hsv", x.shape))
     hsv[..., 0] += np.uint8(int(shift * 255) % 256)  # uint8 arithmetic wraps, as the official
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL, dst=out)
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -68,30 +104,51 @@ def three_pass_kernel(sigma):
     return np.convolve(np.convolve(box, box), box).astype(np.float32)
 
 
-def gaussian_blur(x, sigma):
+def gaussian_blur(x, sigma, out=None):
     kernel = three_pass_kernel(sigma)
-    return cv2.sepFilter2D(x, -1, kernel, kernel, borderType=cv2.BORDER_REPLICATE)
+    return cv2.sepFilter2D(x, -1, kernel, kernel, dst=out, borderType=cv2.BORDER_REPLICATE)
 
 
-def solarize(x):
-    return cv2.LUT(x, SOLARIZE_TABLE)
+def solarize(x, out=None):
+    return cv2.LUT(x, SOLARIZE_TABLE, dst=out)
 
 
-def augment_crop(x, i, draws, strengths):
-    """Flip, colour jitter, grayscale, blur and solarize the uint8 crop x of image i, as `draws` (as lists) says."""
+def augment_crop(x, i, draws, strengths, scratch=None):
+    """Flip, colour jitter, grayscale, blur and solarize the uint8 crop x of image i, as `draws` (as lists) says.
+
+    With a Scratch, x is overwritten and the result is x or the scratch's "spare" buffer (of x's shape).
+    """
+    spare = None if scratch is None else scratch.get("spare", x.shape)
+
+    def step(result):  # in-place ops write into x; others into the spare buffer, which then swaps with x
+        nonlocal x, spare
+        if result is spare:
+            x, spare = spare, x
+        else:
+            x = result
+
     if draws.flip[i]:
-        x = cv2.flip(x, 1)
+        step(cv2.flip(x, 1, dst=spare))
     if draws.jitter[i]:
         for op_index in draws.jitter_order[i]:
             if strengths[op_index] > 0:  # a zero strength is ColorJitter's "off"
-                x = JITTER_OPS[op_index](x, draws.jitter_factors[i][op_index])
+                step(JITTER_OPS[op_index](x, draws.jitter_factors[i][op_index],
+                                          out=None if scratch is None else x, scratch=scratch))
     if draws.grayscale[i]:
-        x = cv2.cvtColor(gray(x), cv2.COLOR_GRAY2RGB)
+        grey = gray(x, None if scratch is None else scratch.get("gray", x.shape[:2]))
+        step(cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB, dst=None if scratch is None else x))
     if draws.blur[i]:
-        x = gaussian_blur(x, draws.blur_sigma[i])
+        step(gaussian_blur(x, draws.blur_sigma[i], out=spare))
     if draws.solarize[i]:
-        x = solarize(x)
+        step(solarize(x, out=None if scratch is None else x))
     return x
+
+
+KEPT_OUTPUTS = 4  # batches of output arrays kept for reuse: the consumer may hold a few batches at once
+
+
+def reference_counts(arrays):
+    return [sys.getrefcount(a) for a in arrays]  # torch.from_numpy's storage holds one while a tensor lives
 
 
 class CpuMultiCrop:
@@ -99,6 +156,8 @@ class CpuMultiCrop:
 
     def __init__(self, threads=2):
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="fastdino-crops")
+        self.scratch = Scratch()
+        self.outputs = []  # (float32 arrays, their reference counts when nothing but this list held them)
 
     def __call__(self, canvases, sizes, generator, *, n_local_crops=8, global_size=224, local_size=96, params=None,
                  dtype=torch.float32):
@@ -107,7 +166,7 @@ class CpuMultiCrop:
         draws = draw_views(sizes, generator, n_local_crops=n_local_crops, global_size=global_size,
                            local_size=local_size, params=params)
         batch = len(sizes)
-        views = [np.empty((batch, 3, size, size), np.float32) for size, *_ in specs]
+        views = self.output_arrays([(batch, 3, size, size) for size, *_ in specs])
         canvases = canvases.numpy()
         draws = [ViewDraws(**{f.name: getattr(d, f.name).tolist() for f in dataclasses.fields(d)}) for d in draws]
         strengths = (params.brightness, params.contrast, params.saturation, params.hue)
@@ -115,16 +174,31 @@ class CpuMultiCrop:
         scales = [1 / (255 * s) for s in params.std]
         shifts = [-m / s for m, s in zip(params.mean, params.std)]
 
+        scratch = self.scratch
+
         def crop_image(i, height, width):
             image = canvases[i, :height, :width]
             for view, view_draws in zip(views, draws):
-                crop = augment_crop(resize_crop(image, view_draws.boxes[i], view.shape[2]), i, view_draws, strengths)
-                for channel, plane in enumerate(cv2.split(crop)):  # uint8 HWC -> normalised float CHW
+                size = view.shape[2]
+                crop = resize_crop(image, view_draws.boxes[i], size, scratch.get("crop", (size, size, 3)), scratch)
+                crop = augment_crop(crop, i, view_draws, strengths, scratch)
+                planes = [scratch.get(f"plane{c}", (size, size)) for c in range(3)]
+                for channel, plane in enumerate(cv2.split(crop, planes)):  # uint8 HWC -> normalised float CHW
                     cv2.addWeighted(plane, scales[channel], plane, 0.0, shifts[channel], dst=view[i, channel],
                                     dtype=cv2.CV_32F)
 
         list(self.pool.map(crop_image, range(batch), *zip(*sizes.tolist())))
         return [torch.from_numpy(view).to(dtype) for view in views]
+
+    def output_arrays(self, shapes):
+        """Float32 arrays of `shapes` for a batch's views: an earlier batch's once no tensor (or view of
+        one) uses them any more, as writing into freshly allocated memory page-faults every 4 KiB."""
+        for arrays, idle_counts in self.outputs:
+            if [a.shape for a in arrays] == shapes and reference_counts(arrays) == idle_counts:
+                return arrays
+        arrays = [np.empty(shape, np.float32) for shape in shapes]
+        self.outputs = [(arrays, reference_counts(arrays)), *self.outputs[:KEPT_OUTPUTS - 1]]
+        return arrays
 
     def close(self):
         self.pool.shutdown(wait=False)
