@@ -87,7 +87,12 @@ def adjust_saturation(x, factor, out=None, scratch=None):  # PIL ImageEnhance.Co
 def adjust_hue(x, shift, out=None, scratch=None):
     """torchvision's PIL hue: HSV with hue in 0..255, shifted by int(shift * 255) with wrap-around."""
     hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL, dst=None if scratch is None else scratch.get("hsv", x.shape))
-    hsv[..., 0] += np.uint8(int(shift * 255) % 256)  # uint8 arithmetic wraps, as the official
+    # uint8 arithmetic wraps, as the official; adding [k, 0, 0] repeated along each row is one dense
+    # (vectorised) add, twice as fast as adding k to the strided hue channel
+    rows = hsv.reshape(hsv.shape[0], -1)
+    row_shift = np.zeros(rows.shape[1], np.uint8)
+    row_shift[::3] = int(shift * 255) % 256
+    np.add(rows, row_shift, out=rows)
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL, dst=out)
 
 
