@@ -9,36 +9,15 @@ that other modules' dispatch is unaffected). If another test module imported tri
 CPU cases skip and one test re-runs this file in a fresh interpreter process instead.
 """
 import math
-import os
 
 import pytest
 import torch
-from kernel_subprocess import assert_compiles_for_h100, assert_passes_under_interpreter
+from kernel_subprocess import (assert_compiles_for_h100, assert_passes_under_interpreter, import_kernel_module,
+                               kernel_devices)
 
-if torch.cuda.is_available():
-    import fastdino_kernels.dino_loss as dl
-else:
-    _previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import fastdino_kernels.dino_loss as dl
-    finally:
-        if _previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _previous
-from fastdino_kernels import use_triton  # noqa: E402
-from fastdino_kernels.dino_loss import DinoLossConfig  # noqa: E402
-
-ON_CPU = use_triton(dl._dino_loss_fwd_kernel, torch.device("cpu"))
-ON_CUDA = torch.cuda.is_available() and use_triton(dl._dino_loss_fwd_kernel, torch.device("cuda"))
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not ON_CPU, reason="kernels compiled, not interpreted, in this process "
-        "(without a GPU, test_cpu_cases_in_a_fresh_interpreter runs these)")),
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        not ON_CUDA, reason="needs a CUDA GPU and compiled triton")),
-]
+dl = import_kernel_module("dino_loss")
+DinoLossConfig = dl.DinoLossConfig
+ON_CPU, ON_CUDA, DEVICES = kernel_devices(dl._dino_loss_fwd_kernel)
 STUDENT_TEMP = 0.1
 GRAD_OUT = 1.7  # upstream gradient: the kernel must read it, not assume 1
 

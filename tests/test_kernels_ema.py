@@ -3,34 +3,13 @@
 Runs on CUDA tensors when a GPU is present and through the Triton interpreter on the CPU
 otherwise; see tests/test_kernels_dino_loss.py for how interpreter mode is switched on.
 """
-import os
-
 import pytest
 import torch
-from kernel_subprocess import assert_compiles_for_h100, assert_passes_under_interpreter
+from kernel_subprocess import (assert_compiles_for_h100, assert_passes_under_interpreter, import_kernel_module,
+                               kernel_devices)
 
-if torch.cuda.is_available():
-    import fastdino_kernels.ema as ema
-else:
-    _previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import fastdino_kernels.ema as ema
-    finally:
-        if _previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _previous
-from fastdino_kernels import use_triton  # noqa: E402
-
-ON_CPU = use_triton(ema._ema_kernel, torch.device("cpu"))
-ON_CUDA = torch.cuda.is_available() and use_triton(ema._ema_kernel, torch.device("cuda"))
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not ON_CPU, reason="kernels compiled, not interpreted, in this process "
-        "(without a GPU, test_cpu_cases_in_a_fresh_interpreter runs these)")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU and compiled triton")),
-]
+ema = import_kernel_module("ema")
+ON_CPU, ON_CUDA, DEVICES = kernel_devices(ema._ema_kernel)
 # Odd sizes: single elements, tails, exactly one chunk, chunk + 1, several chunks.
 SHAPES = [(1,), (7,), (3, 5, 7), (1000,), (ema.CHUNK,), (ema.CHUNK + 1,), (2, 21001), (1, 1)]
 
