@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="images per step for --profile (2 with --tiny)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="logits dtype for --profile")
     p.add_argument("--iters", type=int, default=10, help="iterations for --profile")
+    p.add_argument("--report", nargs=argparse.REMAINDER, metavar="...",
+                   help="instead, compile the kernels for sm_90 and report their resources, no GPU needed: "
+                        "bench/kernel_report.py, later arguments are its own (--report --help)")
     return p.parse_args(argv)
 
 
@@ -296,6 +299,11 @@ def profile(bench: Bench, dl, ema) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.report is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import kernel_report
+
+        sys.exit(kernel_report.main(args.report))
     if args.device == "cpu":
         # Before triton is imported: the kernels must be decorated as interpreted functions.
         os.environ["TRITON_INTERPRET"] = "1"

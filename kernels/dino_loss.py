@@ -272,7 +272,8 @@ class DinoLossConfig:
     num_warps: int = 4
 
 
-def dino_loss_config(batch: int, n_crops: int, n_teacher: int, K: int, device: torch.device) -> DinoLossConfig:
+def dino_loss_config(batch: int, n_crops: int, n_teacher: int, K: int, device: torch.device, *,
+                     num_sms: int | None = None) -> DinoLossConfig:
     """Default launch shape.
 
     GPU: a tile holds all crops of one image, about 4096 values, with 4 warps. For sm_90
@@ -282,10 +283,13 @@ def dino_loss_config(batch: int, n_crops: int, n_teacher: int, K: int, device: t
     B * (2*NT + 2*V + NT*V) * 4 bytes of state) and image groups (each costs K * 4 bytes of
     column sums) so as to balance the two. The backward has no such costs: about 8 programs
     per SM. The interpreter prefers few, wide tiles.
+
+    num_sms: SMs of the target GPU, instead of asking `device`; given, the GPU shape is
+    returned whatever the device (bench/kernel_report.py compiles for an H100 without one).
     """
     rows = triton.next_power_of_2(n_crops)
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if num_sms is not None or device.type == "cuda":
+        sms = num_sms if num_sms is not None else torch.cuda.get_device_properties(device).multi_processor_count
         block_k, min_block_k = min(2048, max(128, 4096 // rows)), 256
         fwd_programs, bwd_programs = 4 * sms, 8 * sms
     else:
@@ -427,7 +431,9 @@ def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center
         config = dino_loss_config(batch, n_crops, n_teacher_views, student_logits.shape[1], student_logits.device)
     student = student_logits.contiguous()
     teacher = teacher_logits.detach().contiguous()
-    center = center.detach().reshape(-1).to(torch.float32).contiguous()
+    # A copy, never a view of the caller's centre: backward reads it, and DINOLoss updates its
+    # centre buffer in place between this forward and the backward (K * 4 bytes, negligible).
+    center = center.detach().reshape(-1).to(torch.float32, copy=True).contiguous()
     if torch.is_grad_enabled() and student.requires_grad:
         return _DinoLossFunction.apply(student, teacher, center, student_temp, teacher_temp, n_teacher_views, config)
     loss, teacher_sum, _, _ = _dino_loss_forward(student.detach(), teacher, center, student_temp, teacher_temp,

@@ -20,7 +20,12 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
+
+from fastdino._requires import require_ffcv
+
+require_ffcv("writing a .beton")
+
+from ffcv.fields import IntField, RGBImageField  # noqa: E402
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm

@@ -17,8 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.rgb_image import IMAGE_MODES
+
+from fastdino._requires import require_ffcv
+
+require_ffcv("reading a .beton")
+
+from ffcv.fields import IntField, RGBImageField  # noqa: E402  (after the check that names what is missing)
+from ffcv.fields.rgb_image import IMAGE_MODES  # noqa: E402
 from ffcv.libffcv import imdecode
 from ffcv.loader import Loader
 from ffcv.loader.epoch_iterator import EpochIterator

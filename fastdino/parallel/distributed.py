@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fastdino._requires import require_deepspeed
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -68,6 +70,7 @@ def init_distributed(device: torch.device, timeout_s: float, need_group: bool) -
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("LOCAL_RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
+        require_deepspeed(f"training on {env.world_size} ranks" if env.world_size > 1 else "parallel.zero_stage > 0")
         use_cpu_accelerator_for_deepspeed()
         import deepspeed
 

@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import nn
 
+from fastdino._requires import require_deepspeed
 from fastdino.parallel.distributed import DistEnv, use_cpu_accelerator_for_deepspeed
 from fastdino.parallel.optim import DINOAdamW, PartitionFragments
 from fastdino.ssl import param_groups
@@ -118,6 +119,7 @@ def apply_parallelism(student: nn.Module, teacher: nn.Module, cfg, env: DistEnv)
     stage = cfg.parallel.zero_stage
     if not uses_deepspeed(stage, env.world_size):
         return LocalStudent(student, optimizer), teacher
+    require_deepspeed(f"parallel.zero_stage={stage} on {env.world_size} rank(s)")
     use_cpu_accelerator_for_deepspeed()
     import deepspeed
 

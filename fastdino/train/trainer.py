@@ -26,8 +26,9 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from fastdino import metrics
+from fastdino._requires import require_ffcv
 from fastdino.config import save_config, to_dict
-from fastdino.data import eval_loader, multicrop_loader
+from fastdino.data.synthetic import SYNTHETIC, SyntheticMultiCrop
 from fastdino.eval.knn import extract_features, knn_classify
 from fastdino.parallel import apply_parallelism, barrier, init_distributed, memory_bytes, uses_deepspeed
 from fastdino.runinfo import run_metadata, setup_logging
@@ -96,15 +97,8 @@ class Trainer:
         logger.info("config\n%s", OmegaConf.to_yaml(cfg).rstrip())
 
         torch.manual_seed(cfg.seed)
+        self.loader = self._build_loader()
         data = cfg.data
-        self.loader = multicrop_loader(
-            data.path, data.batch_size, n_local_crops=data.n_local_crops, global_size=data.global_size,
-            local_size=data.local_size, device=str(self.device), seed=cfg.seed, augment=data.augment,
-            num_workers=data.num_workers, rank=self.dist.rank, world_size=self.dist.world_size,
-            decode=data.decode, crops=data.crops, order=data.order, os_cache=data.os_cache,
-            batches_ahead=data.batches_ahead,
-            # bf16 crops halve the host-to-device copy (CPU decode) and the crops' memory under bf16 autocast
-            dtype=torch.bfloat16 if uses_bf16(self.device, cfg.precision) else torch.float32)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{data.path} holds {self.loader.num_images} images, fewer than one batch of "
@@ -135,6 +129,24 @@ class Trainer:
             self._resume(resume)
         self._stop_requested = False
         self._first_nonfinite = torch.tensor(NO_STEP, device=self.device)
+
+    def _build_loader(self):
+        """The multi-crop loader of data.path: a .beton (FFCV), or random crops for data.path=synthetic."""
+        data = self.cfg.data
+        # bf16 crops halve the host-to-device copy (CPU decode) and the crops' memory under bf16 autocast
+        dtype = torch.bfloat16 if uses_bf16(self.device, self.cfg.precision) else torch.float32
+        common = dict(n_local_crops=data.n_local_crops, global_size=data.global_size, local_size=data.local_size,
+                      device=str(self.device), seed=self.cfg.seed, rank=self.dist.rank,
+                      world_size=self.dist.world_size, dtype=dtype)
+        if data.path == SYNTHETIC:
+            logger.info("data.path=synthetic: random crops made on %s, no files read", self.device)
+            return SyntheticMultiCrop(data.batch_size, **common)
+        require_ffcv(f"data.path={data.path}")
+        from fastdino.data.loader import multicrop_loader
+
+        return multicrop_loader(data.path, data.batch_size, augment=data.augment, num_workers=data.num_workers,
+                                decode=data.decode, crops=data.crops, order=data.order, os_cache=data.os_cache,
+                                batches_ahead=data.batches_ahead, **common)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _resume(self, resume: str) -> None:
@@ -213,6 +225,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate_knn(self, step: int) -> dict:
+        require_ffcv("k-NN evaluation during training (eval.knn_train_path)")
+        from fastdino.data.loader import eval_loader
+
         ev = self.cfg.eval
         backbone = self.teacher.backbone
         batch = max(self.cfg.data.batch_size, 64)
