@@ -27,7 +27,10 @@ setup(
         "scikit-learn",  # ships the digits data set the demo trains on
         "scikit-image",  # ships the sample photos the demo draws attention maps for
     ],
-    # gpu: batched JPEG decode on the GPU (nvJPEG through nvImageCodec, CUDA 13 wheels)
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"], "gpu": ["nvidia-nvimgcodec-cu13"]},
+    # gpu: batched JPEG decode on the GPU (nvJPEG through nvImageCodec, CUDA 13 wheels). nvImageCodec
+    # imports without nvJPEG but then cannot decode on the GPU: its nvjpeg extra brings the library
+    # (nvidia-nvjpeg, which it leaves unpinned: the CUDA 13 series is the one its wheel loads).
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"],
+                    "gpu": ["nvidia-nvimgcodec-cu13[nvjpeg]", "nvidia-nvjpeg>=13,<14"]},
     entry_points={"console_scripts": ["fastdino=fastdino.cli:main"]},
 )

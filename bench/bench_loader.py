@@ -6,8 +6,12 @@
     (b) fastdino  fastdino.data.multicrop_loader on the CPU (FFCV decode + OpenCV uint8 crops in threads)
     (c) gpu       fastdino.data.multicrop_loader on a CUDA GPU (nvJPEG decode + batched tensor crops, bf16),
                   where a GPU is present
+    (d) gpu-bytes what (c) does after FFCV's reader, without FFCV (for GPU hosts that cannot build it):
+                  NvJpegDecoder + fastdino.data.multicrop.multicrop on batches of JPEG bytes held in
+                  memory, ImageNet-like (500 x 375 px, quality 90); also the decode alone. Run only
+                  when asked for (--only gpu-bytes), as no FFCV page reading is in it.
 
-Both read the same JPEGs (scikit-image's sample photos, randomly cropped and resized up to
+(a) to (c) read the same JPEGs (scikit-image's sample photos, randomly cropped and resized up to
 512 px, written once) and produce 2 global + N local crops per image. Each pipeline is set up
 once (the loader; PIL's worker pool lives for a pass, as its CPU time is counted when its
 workers end), warmed up by one pass, then timed over one pass. Cores used is
@@ -15,12 +19,14 @@ workers end), warmed up by one pass, then timed over one pass. Cores used is
 
     python bench/bench_loader.py                      # 2 x 224 + 10 x 96, 512 images
     python bench/bench_loader.py --json cpu_loader.jsonl
+    python bench/bench_loader.py --only gpu-bytes --images 2048 --batch-size 128 --workers 4
     fastdino bench loader --images 128 --local-crops 10
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
 import os
 import random
@@ -53,25 +59,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="PIL worker processes / FFCV threads")
-    p.add_argument("--only", choices=["pil", "fastdino", "gpu"], help="run one pipeline")
-    p.add_argument("--json", metavar="FILE", help="append one JSON row per measurement to bench/results/FILE")
+    p.add_argument("--only", choices=["pil", "fastdino", "gpu", "gpu-bytes"],
+                   help="run one pipeline (gpu-bytes runs only when named)")
+    p.add_argument("--json", metavar="FILE", help="append one JSON row per measurement to FILE "
+                                                  "(a relative path goes under bench/results/)")
     return p.parse_args(argv)
 
 
 def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
     """Random crops of scikit-image's photos, longer side 256..512 px, as JPEG files."""
-    from fastdino.data.sample_data import sample_photos
-
     rng = np.random.default_rng(seed)
-    photos = list(sample_photos().values())
+    photos = source_photos(rng)
     paths = []
     (folder / "images").mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        ch, cw = int(rng.integers(h // 2, h + 1)), int(rng.integers(w // 2, w + 1))
-        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        image = Image.fromarray(photo[top:top + ch, left:left + cw])
+        image = Image.fromarray(random_crop(photos[i % len(photos)], rng))
         longer = int(rng.integers(256, 513))
         scale = longer / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
@@ -79,6 +81,47 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
         image.save(path, quality=90)
         paths.append(path)
     return paths
+
+
+def source_photos(rng) -> list[np.ndarray]:
+    """scikit-image's sample photos (uint8 HWC), or where scikit-image is missing, smooth random
+    images (bicubically upsampled noise drawn from `rng`)."""
+    try:
+        from fastdino.data.sample_data import sample_photos
+
+        return list(sample_photos().values())
+    except ImportError:
+        return [np.asarray(Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+                           .resize((640, 480), Image.BICUBIC)) for _ in range(4)]
+
+
+def random_crop(photo: np.ndarray, rng) -> np.ndarray:
+    """A crop of `photo` covering 1/2 to all of its height and of its width, at a random place."""
+    h, w = photo.shape[:2]
+    ch, cw = int(rng.integers(h // 2, h + 1)), int(rng.integers(w // 2, w + 1))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    return photo[top:top + ch, left:left + cw]
+
+
+def imagenet_like_jpegs(count: int, seed: int = 0) -> tuple[list[bytes], list[tuple[int, int]]]:
+    """JPEG bytes (quality 90) of `count` images of 500 x 375 or 375 x 500 px, the typical ImageNet
+    size, made from random photo crops in memory; and each image's (height, width)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(seed)
+    photos = source_photos(rng)
+    crops = [random_crop(photos[i % len(photos)], rng) for i in range(count)]
+    portrait = rng.random(count) < 0.25
+
+    def encode(i):
+        size = (375, 500) if portrait[i] else (500, 375)
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(crops[i])).resize(size, Image.BICUBIC).save(buffer, "JPEG", quality=90)
+        return buffer.getvalue(), size[::-1]
+
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:  # PIL releases the GIL while encoding
+        encoded = list(pool.map(encode, range(count)))
+    return [blob for blob, _ in encoded], [shape for _, shape in encoded]
 
 
 # ---- (a) the official pipeline, in PIL ---------------------------------------------------------
@@ -175,6 +218,36 @@ def run_fastdino(loader) -> int:
     return done
 
 
+# ---- (d) GPU decode + crops from JPEG bytes in memory, no FFCV ------------------------------------
+def gpu_bytes_runs(args) -> dict:
+    """{label: run} for NvJpegDecoder + multicrop over in-memory JPEG batches, and the decode alone;
+    each run is one pass over all images, synchronised at its end."""
+    from fastdino.data.gpu_decode import NvJpegDecoder, jpeg_rows
+    from fastdino.data.multicrop import multicrop
+
+    blobs, shapes = imagenet_like_jpegs(args.images)
+    batches = [jpeg_rows(blobs[i:i + args.batch_size], shapes[i:i + args.batch_size])
+               for i in range(0, len(blobs), args.batch_size)]
+    decoder = NvJpegDecoder("cuda", cpu_threads=args.workers)
+
+    def run(crops: bool) -> int:
+        done = 0
+        for index, (rows, sizes) in enumerate(batches):
+            canvases = decoder(rows, sizes)
+            if crops:
+                views = multicrop(canvases, sizes[:, :2], torch.Generator().manual_seed(index),
+                                  n_local_crops=args.local_crops, global_size=args.global_size,
+                                  local_size=args.local_size, device="cuda", dtype=torch.bfloat16)
+                assert len(views) == 2 + args.local_crops
+            done += len(sizes)
+        torch.cuda.synchronize()
+        return done
+
+    source = "no FFCV: ImageNet-like JPEG bytes in memory"
+    return {f"gpu-bytes nvJPEG decode + batched tensor multi-crop, bf16 ({source})": lambda: run(True),
+            f"gpu-bytes nvJPEG decode only ({source})": lambda: run(False)}
+
+
 def cpu_seconds() -> float:
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
@@ -192,8 +265,20 @@ def measure(name: str, run) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import ffcv  # noqa: F401  (fails early, with its own message, where FFCV is missing)
     import triton
+
+    if args.only == "gpu-bytes":
+        if not torch.cuda.is_available():
+            sys.exit("bench_loader.py --only gpu-bytes: needs a CUDA GPU")
+        rows = [measure(name, run) for name, run in gpu_bytes_runs(args).items()]
+    else:
+        rows = beton_pipelines(args)
+    report(rows, args, triton)
+
+
+def beton_pipelines(args) -> list[dict]:
+    """Rows of pipelines (a) to (c), over JPEG files and a .beton of them written to a temporary folder."""
+    import ffcv  # noqa: F401  (fails early, with its own message, where FFCV is missing)
 
     from fastdino.data import convert_folder
 
@@ -214,12 +299,19 @@ def main(argv=None) -> None:
             loader = fastdino_loader(beton, args, "cuda")
             rows.append(measure(f"fastdino GPU ({loader.decode} decode + batched tensor multi-crop, bf16)",
                                 lambda: run_fastdino(loader)))
+    return rows
+
+
+def report(rows: list[dict], args, triton) -> None:
+    """Prints the table and appends the JSON rows (--json)."""
     crops = f"2 x {args.global_size} + {args.local_crops} x {args.local_size}"
-    print(f"\nmulti-crop loading, {crops} px crops, {args.images} JPEGs (256-512 px), {args.workers} workers, "
+    images = "ImageNet-like, 500x375" if args.only == "gpu-bytes" else "256-512 px"
+    print(f"\nmulti-crop loading, {crops} px crops, {args.images} JPEGs ({images}), {args.workers} workers, "
           f"{os.cpu_count()} CPU cores")
-    print(f"{'pipeline':<62} {'img/s':>8} {'cores':>6} {'img/s/core':>11}")
+    width = max([62] + [len(row["pipeline"]) for row in rows])
+    print(f"{'pipeline':<{width}} {'img/s':>8} {'cores':>6} {'img/s/core':>11}")
     for row in rows:
-        print(f"{row['pipeline']:<62} {row['img_per_s']:>8.1f} {row['cores_used']:>6.2f} "
+        print(f"{row['pipeline']:<{width}} {row['img_per_s']:>8.1f} {row['cores_used']:>6.2f} "
               f"{row['img_per_s_per_core']:>11.1f}")
     if len(rows) >= 2 and rows[0]["pipeline"].startswith("pil"):
         print(f"fastdino CPU / pil per core: {rows[1]['img_per_s_per_core'] / rows[0]['img_per_s_per_core']:.2f}x")

@@ -12,7 +12,7 @@ ranks, over gloo on a CPU) trains 4 steps
 - with the fast paths: the losses must track the same run with the PyTorch twins
   (`TWINS`), within `LOSS_TOLERANCE`;
 - for 2 steps, then `--resume auto` to step 4: the losses, the teacher and the centre
-  must equal those of the uninterrupted run exactly.
+  must equal those of the uninterrupted run exactly (on CUDA, within rounding: atomics).
 
 Every fast path that exists, or is added later, gets an entry in `GPU_CHOICES`.
 Two GPU paths cannot run on a CPU at all, and are covered around their edges instead:
@@ -57,6 +57,10 @@ TWINS = ["dino.loss_impl=torch", "dino.ema_impl=torch"]
 # (1e-6); afterwards their gradients differ by bf16 rounding (one ulp, 2^-8, in some entries),
 # so the weights and the losses drift apart slowly: 2e-3 relative over 4 steps.
 LOSS_TOLERANCE = 2e-3
+# Exact on a CPU. On CUDA, atomic adds (subset stochastic depth's index_add_, attention
+# backward) make two runs of the same steps differ by rounding: there the resumed run must
+# stay within the twins' tolerance.
+RESUME_TOLERANCE = 2e-3 if CUDA else 0.0
 STEPS = 4
 LAUNCHES = {
     "one_process": [],
@@ -126,13 +130,14 @@ def test_gpu_choices_train_track_the_twins_and_resume_exactly(tmp_path, digits_b
     for step in range(STEPS):
         assert all(np.isfinite([fast[step], twins[step]])), step
         assert abs(fast[step] - twins[step]) <= LOSS_TOLERANCE * abs(twins[step]), (step, fast[step], twins[step])
-        assert cut[step] == fast[step], (step, cut[step], fast[step])
+        assert abs(cut[step] - fast[step]) <= RESUME_TOLERANCE * abs(fast[step]), (step, cut[step], fast[step])
     assert fast[STEPS - 1] != fast[0]  # the run moved
 
     full, resumed = final_state(tmp_path / "fast"), final_state(tmp_path / "cut")
-    assert torch.equal(full["dino_loss"]["center"], resumed["dino_loss"]["center"])
+    same = (lambda a, b: torch.allclose(a, b, rtol=1e-3, atol=1e-5)) if CUDA else torch.equal
+    assert same(full["dino_loss"]["center"], resumed["dino_loss"]["center"])
     for key, value in full["teacher"].items():
-        assert torch.equal(value, resumed["teacher"][key]), key
+        assert same(value, resumed["teacher"][key]), key
 
 
 def test_stored_bytes_decode_to_the_cpu_canvas(digits_betons):

@@ -17,7 +17,7 @@ import torch
 
 from fastdino.data.cpu_crops import CpuMultiCrop
 from fastdino.data.decode import BetonImages
-from fastdino.data.gpu_decode import NvJpegDecoder, nvimgcodec_unavailable
+from fastdino.data.gpu_decode import NvJpegDecoder, nvimgcodec_status
 from fastdino.data.multicrop import augment_params, center_crops, multicrop
 
 logger = logging.getLogger(__name__)
@@ -70,11 +70,13 @@ def pick_paths(device, decode, crops):
                     "CUDA is available" if device == "cuda" else "no CUDA device")
     device = torch.device(device)
     if decode == "auto":
-        reason = nvimgcodec_unavailable(device)
-        decode = "cpu" if reason else "nvjpeg"
-        logger.info("JPEG decode auto -> %s (%s)", decode, reason or "nvImageCodec and a CUDA device are here")
+        # decided by decoding a test JPEG on the device (gpu_decode.nvimgcodec_status)
+        usable, reason = nvimgcodec_status(device)
+        decode = "nvjpeg" if usable else "cpu"
+        logger.info("JPEG decode auto -> %s (%s)", decode, reason)
     elif decode == "nvjpeg":
-        if reason := nvimgcodec_unavailable(device):
+        usable, reason = nvimgcodec_status(device)
+        if not usable:
             raise ValueError(f"data.decode=nvjpeg can't run: {reason}")
     elif decode != "cpu":
         raise ValueError(f"decode must be auto, nvjpeg or cpu, got {decode!r}")
@@ -96,7 +98,7 @@ class MultiCropLoader:
     labels: long [B] (-1 for unlabelled images).
 
     device: where the crops go ('cpu', 'cuda[:i]' or 'auto'); decode: 'auto' (nvJPEG
-    on a GPU where nvImageCodec is installed, else the CPU), 'nvjpeg' or 'cpu'; crops:
+    on a GPU where it decodes a probe JPEG on the device, else the CPU), 'nvjpeg' or 'cpu'; crops:
     'auto' (OpenCV uint8 threads on the CPU, batched tensor ops on a GPU), 'opencv' or
     'torch'. order: 'random' or 'quasi_random' (page-grouped, for data larger than RAM);
     os_cache: read through the OS page cache rather than FFCV's page reader;
