@@ -200,12 +200,20 @@ def _validate(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
     positive = ["data.batch_size", "data.global_size", "data.local_size", "data.batches_ahead", "optim.epochs",
-                "model.out_dim", "parallel.timeout_s", "parallel.bucket_elements"]
+                "model.out_dim", "parallel.timeout_s", "parallel.bucket_elements", "log_every", "checkpoint_every"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {OmegaConf.select(cfg, key)}")
-    if cfg.data.n_local_crops < 0:
-        raise ConfigError(f"config key 'data.n_local_crops' must be >= 0, got {cfg.data.n_local_crops}")
+    for key in ("data.n_local_crops", "optim.warmup_epochs", "dino.warmup_teacher_temp_epochs"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
+    # A warm-up longer than the run never reaches its target; both schedules get the same answer.
+    for key, target in (("optim.warmup_epochs", "the peak lr (optim.lr)"),
+                        ("dino.warmup_teacher_temp_epochs", f"dino.teacher_temp={cfg.dino.teacher_temp}")):
+        if OmegaConf.select(cfg, key) > cfg.optim.epochs:
+            raise ConfigError(f"config key '{key}' is {OmegaConf.select(cfg, key)} but optim.epochs is "
+                              f"{cfg.optim.epochs}: the warm-up would never reach {target}; shorten it or "
+                              f"raise optim.epochs")
     for key in ("model.img_size", "data.global_size", "data.local_size"):
         if OmegaConf.select(cfg, key) % cfg.model.patch_size:
             raise ConfigError(f"config key '{key}' must be a multiple of model.patch_size={cfg.model.patch_size}")

@@ -36,6 +36,9 @@ def test_override_types_are_converted():
     (["data.path=x", "model.arch=resnet50"], "model.arch"),
     (["data.path=x", "parallel.zero_stage=3"], "parallel.zero_stage"),
     (["data.path=x", "data.global_size=100"], "data.global_size"),
+    (["data.path=x", "log_every=0"], "log_every"),
+    (["data.path=x", "checkpoint_every=0"], "checkpoint_every"),
+    (["data.path=x", "optim.warmup_epochs=-1"], "optim.warmup_epochs"),
     ([], "data.path"),
 ])
 def test_bad_config_is_one_line_naming_the_key(overrides, key):
@@ -62,3 +65,15 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+@pytest.mark.parametrize("key, value", [("optim.warmup_epochs", 3), ("dino.warmup_teacher_temp_epochs", 30)])
+def test_warmup_longer_than_the_run_is_an_error(key, value):
+    """Neither warm-up would reach its target (the lr's was squeezed, the temperature's cut):
+    both are one line naming the key, its value and optim.epochs."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.path=x", "optim.epochs=2", "optim.warmup_epochs=0", f"{key}={value}"])
+    message = str(err.value)
+    assert f"'{key}' is {value}" in message and "optim.epochs is 2" in message and "\n" not in message
+    cfg = load_config(None, ["data.path=x", "optim.epochs=2", "optim.warmup_epochs=0", f"{key}=2"])  # reached at the end
+    assert OmegaConf.select(cfg, key) == 2

@@ -35,3 +35,12 @@ def test_teacher_temperature_warmup():
     assert len(temps) == 100
     assert temps[0] == pytest.approx(0.04) and temps[29] == pytest.approx(0.07) and temps[99] == pytest.approx(0.07)
     assert temps[15] == pytest.approx(0.04 + 0.03 * 15 / 29)
+
+
+def test_warmups_as_long_as_the_run_reach_their_targets():
+    """The longest warm-ups the config allows (optim.epochs) end on their target values."""
+    cfg = load_config(None, ["data.path=x", "optim.epochs=3", "optim.warmup_epochs=3",
+                             "dino.warmup_teacher_temp_epochs=3", "dino.teacher_temp=0.07"])
+    sched = build_schedules(cfg, steps_per_epoch=10, total_batch_size=256)
+    assert sched.lr[-1] == pytest.approx(cfg.optim.lr) and sched.lr[0] == 0.0
+    assert sched.at(29)["teacher_temp"] == pytest.approx(0.07)

@@ -1,7 +1,10 @@
 """Tiny end-to-end runs on real digits: logging, checkpoints, exact resume, failures."""
 import json
+import logging
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -139,3 +142,38 @@ def test_resume_from_a_checkpoint_of_another_launch_is_a_clear_error(tmp_path, d
     torch.save({"version": 1, "step": 4, "parallel": {"world_size": 2, "zero_stage": 1}}, folder / "fastdino.pt")
     with pytest.raises(CheckpointError, match="written by a DeepSpeed run"):
         Trainer(tiny_config(tmp_path, train, "max_steps=5"), resume="auto")
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_with_a_checkpoint_and_the_conventional_status(tmp_path, signum, status):
+    """SIGINT / SIGTERM mid-run: a checkpoint at the next step boundary, the one-line message,
+    and exit status 128 + signal, as a shell reports a death by that signal."""
+    job = subprocess.Popen([sys.executable, "-m", "fastdino", "train", *TINY, f"output_dir={tmp_path}",
+                            "data.path=synthetic", "max_steps=100000", "checkpoint_every=100000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "log.jsonl").exists():  # written after the first step: the handlers are in place
+        assert job.poll() is None and time.time() < deadline, job.communicate()[1][-2000:]
+        time.sleep(0.05)
+    job.send_signal(signum)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == status, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("fastdino: ")]
+    assert len(lines) == 1 and "interrupted after step" in lines[0] and "--resume auto" in lines[0], err[-2000:]
+    assert len(list_checkpoints(tmp_path / "checkpoints")) == 1
+
+
+def test_resume_auto_without_a_checkpoint_warns(tmp_path, caplog):
+    """Kept (a requeued SLURM job starts this way), but said where it is seen: a warning."""
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(load_config(None, [*TINY, f"output_dir={tmp_path}", "data.path=synthetic"]), resume="auto")
+    assert trainer.start_step == 0
+    assert any(r.levelno == logging.WARNING and "no checkpoint" in r.getMessage() for r in caplog.records)
+
+
+def test_a_second_signal_stops_at_once_with_its_status(tmp_path):
+    trainer = Trainer(load_config(None, [*TINY, f"output_dir={tmp_path}", "data.path=synthetic"]))
+    trainer._request_stop(signal.SIGTERM, None)  # the first only asks for a stop at the step boundary
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        trainer._request_stop(signal.SIGTERM, None)
+    assert stopped.value.exit_status == 143

@@ -1,7 +1,8 @@
 """The DINO training loop: one process (CPU or one GPU), or one rank of many.
 
 One step: multi-crop batch -> teacher forward on the 2 global crops -> student
-forward on all crops -> DINO loss (updates the centre, all-reduced) -> backward
+forward on all crops -> DINO loss -> the step counts or is dropped (a non-finite
+loss with on_nonfinite_loss=skip) -> centre update (all-reduced) -> backward
 (gradients averaged over ranks) -> per-parameter gradient clipping, last layer
 frozen in early epochs -> AdamW with the scheduled lr and weight decay -> EMA
 teacher update from the student's current weights. fastdino.parallel decides and
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from fastdino import metrics
 from fastdino._requires import require_ffcv
-from fastdino.config import save_config, to_dict
+from fastdino.config import save_config
 from fastdino.data.synthetic import SYNTHETIC, SyntheticMultiCrop
 from fastdino.eval.knn import extract_features, knn_classify
 from fastdino.parallel import apply_parallelism, barrier, init_distributed, memory_bytes, uses_deepspeed
@@ -48,7 +49,46 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGINT or SIGTERM arrived; the run stopped at a step boundary and saved a checkpoint."""
+    """SIGINT or SIGTERM arrived; the run stopped at a step boundary and saved a checkpoint.
+    `exit_status` is the shell's convention for a death by that signal (130, 143), which the
+    CLI exits with, so that scripts and schedulers see an interruption and not a failure."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum
+
+
+class InterruptedNow(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: stop at once, without a checkpoint (the last one is intact).
+    A KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum} again: stopped at once; the last checkpoint is intact")
+        self.exit_status = 128 + signum
+
+
+def json_safe(value):
+    """`value` with every non-finite float replaced by None: JSON has no NaN or Infinity, and a
+    bare NaN in log.jsonl breaks strict parsers (and every reader of the whole file)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    """One log.jsonl line: strict JSON, non-finite values written as null."""
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
+
+
+def batchnorm_buffers(*modules: torch.nn.Module) -> list[torch.Tensor]:
+    """Running statistics of every batch norm in `modules` (the DINO head's, with model.use_bn_in_head)."""
+    return [buffer for module in modules for m in module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for buffer in m.buffers()]
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -90,7 +130,7 @@ class Trainer:
         self.meta["world_size"] = self.dist.world_size
         if self.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
-            (self.output_dir / "run.json").write_text(json.dumps(self.meta, indent=2) + "\n")
+            (self.output_dir / "run.json").write_text(json.dumps(self.meta, indent=2, allow_nan=False) + "\n")
         logger.info("run %s | git %s | %s | %d rank(s)", self.output_dir, self.meta["git_revision"],
                     self.meta["device"], self.dist.world_size)
         logger.info("versions %s", json.dumps(self.meta["versions"]))
@@ -117,9 +157,17 @@ class Trainer:
         if self.dist.world_size > 1:  # independent drop-path masks per rank
             torch.manual_seed(cfg.seed + self.dist.rank)
         self.ncrops = 2 + data.n_local_crops
+        # The centre moves only once the step is known to count (see train): a non-finite teacher
+        # output would otherwise poison it for good before on_nonfinite_loss=skip drops the step.
         self.dino_loss = DINOLoss(cfg.model.out_dim, self.ncrops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
                                   cfg.dino.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.dino.student_temp,
-                                  cfg.dino.center_momentum, impl=cfg.dino.loss_impl).to(self.device)
+                                  cfg.dino.center_momentum, impl=cfg.dino.loss_impl,
+                                  defer_center_update=True).to(self.device)
+        # Batch norm updates its running statistics in the forward, before a step can be judged:
+        # skip mode copies them first and puts them back when it drops the step. (The error mode
+        # needs no copy: the run stops and nothing computed after the bad step is saved.)
+        self._bn_buffers = batchnorm_buffers(self.student, self.teacher) if cfg.on_nonfinite_loss == "skip" else []
+        self.skipped_steps: list[int] = []
         self.optimizer = self.runner.optimizer
         self.flops_per_image = metrics.flops_per_image_from_config(cfg)
         self.peak_flops = metrics.peak_flops(self.device.type)
@@ -127,7 +175,7 @@ class Trainer:
         self.knn_history: list[dict] = []
         if resume:
             self._resume(resume)
-        self._stop_requested = False
+        self._stop_signal = 0  # the signal that asked to stop, 0 while none did
         self._first_nonfinite = torch.tensor(NO_STEP, device=self.device)
 
     def _build_loader(self):
@@ -151,8 +199,9 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------
     def _resume(self, resume: str) -> None:
         path = ckpt.latest_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            logger.info("--resume auto: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
+        if path is None:  # kept a warning, not an error: a requeued job (SLURM) starts this way the first time
+            if self.is_main:
+                logger.warning("--resume auto: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
             return
         state = ckpt.load_checkpoint(path, map_location=self.device)
         sharded = path.is_dir()
@@ -263,10 +312,10 @@ class Trainer:
                     return
 
     def _request_stop(self, signum, frame) -> None:
-        if self._stop_requested:  # a second Ctrl-C stops at once; the last checkpoint is intact
-            raise KeyboardInterrupt
+        if self._stop_signal:
+            raise InterruptedNow(signum)
         logger.warning("signal %d: stopping after this step and writing a checkpoint (again to stop now)", signum)
-        self._stop_requested = True
+        self._stop_signal = signum
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -288,20 +337,27 @@ class Trainer:
                 data_wait += time.perf_counter() - fetch_start
                 values = self._apply_schedules(step)
                 epoch = values["epoch"]
+                bn_before = [b.clone() for b in self._bn_buffers]
                 with autocast_context(self.device, cfg.precision):
                     with torch.no_grad():
                         teacher_output, teacher_features = self.teacher(crops[:2], return_backbone=True)
                     student_output = self.runner(crops)
                     loss = self.dino_loss(student_output, teacher_output, epoch)
+                # The one place a step is decided. Nothing it changes for good has moved yet (centre,
+                # weights, optimizer, teacher) except batch norm statistics, copied above.
                 if cfg.on_nonfinite_loss == "skip":  # deciding whether to update needs the answer now: a host sync
                     nonfinite, stop = self._check_step(loss)
                 else:
                     self._note_nonfinite(loss, step)
-                    nonfinite, stop = False, False
+                    nonfinite, stop = False, 0
                 if nonfinite:
                     logger.warning("%s: skipping this step's update", self._nonfinite_message(step))
+                    for buffer, saved in zip(self._bn_buffers, bn_before):
+                        buffer.copy_(saved)
                     self.runner.zero_grad()
+                    self.skipped_steps.append(step)
                 else:
+                    self.dino_loss.commit_center()
                     self.runner.backward(loss)
                     self.runner.step()  # clip per parameter, freeze the last layer, AdamW, clear gradients
                     ema_update_(self.teacher, self.student, values["momentum"], impl=cfg.dino.ema_impl)
@@ -309,12 +365,12 @@ class Trainer:
                 done = step + 1
                 progress.update(1)
 
-                logged = done % cfg.log_every == 0 or step == self.start_step or done == self.total_steps
+                logged = done % cfg.log_every == 0 or step == self.start_step or done == self.total_steps or nonfinite
                 run_knn = cfg.eval.knn_every > 0 and self.knn_enabled() and done % cfg.eval.knn_every == 0 \
                     and done < self.total_steps
                 save = done % cfg.checkpoint_every == 0 or done == self.total_steps
                 # Every rank reaches the same check points (a local stop request only counts on one rank).
-                local_stop = self.dist.world_size == 1 and self._stop_requested
+                local_stop = self.dist.world_size == 1 and self._stop_signal
                 if cfg.on_nonfinite_loss == "error" and (logged or run_knn or save or local_stop):
                     stop = self._deferred_check()  # before anything is logged, evaluated or saved
                 if logged:
@@ -325,19 +381,19 @@ class Trainer:
                                            cfg.dino.student_temp, values["teacher_temp"], teacher_features)
                     warnings = collapse_warnings(stats, cfg.monitor)
                     model_mfu = metrics.mfu(img_per_s, self.flops_per_image, self.peak_flops)
-                    last_record = {
+                    last_record = json_safe({
                         "step": step, "epoch": epoch, "loss": loss_value, "lr": values["lr"], "wd": values["wd"],
                         "momentum": values["momentum"], "teacher_temp": values["teacher_temp"],
                         "img_per_s": img_per_s, "gflops_per_s": img_per_s * self.flops_per_image / 1e9,
                         "mfu": model_mfu, "data_wait_fraction": data_wait / max(elapsed, 1e-9),
-                        **stats, "collapse_warnings": warnings,
-                    }
+                        **stats, "collapse_warnings": warnings, "skipped": nonfinite,
+                    })
                     if self.device.type == "cuda":
                         last_record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
                     if self.is_main:
                         with open(log_path, "a") as f:
-                            f.write(json.dumps(last_record) + "\n")
-                    postfix = {"loss": f"{last_record['loss']:.4f}", "img/s": f"{img_per_s:.1f}",
+                            f.write(json_line(last_record))
+                    postfix = {"loss": f"{loss_value:.4f}", "img/s": f"{img_per_s:.1f}",
                                "H/lnK": f"{stats['teacher_entropy'] / stats['log_k']:.2f}"}
                     if model_mfu is not None:
                         postfix["MFU"] = f"{model_mfu:.1%}"
@@ -348,7 +404,7 @@ class Trainer:
                     progress.set_postfix(postfix, refresh=False)
                     if not cfg.progress and self.is_main:
                         logger.info("step %d/%d loss %.4f lr %.2e img/s %.1f", done, self.total_steps,
-                                    last_record["loss"], values["lr"], img_per_s)
+                                    loss_value, values["lr"], img_per_s)
                     images_since_log, time_since_log, data_wait = 0, time.perf_counter(), 0.0
 
                 if run_knn:
@@ -357,7 +413,7 @@ class Trainer:
                     self.save(done)
                 if stop:
                     raise TrainingInterrupted(f"interrupted after step {done}; checkpoint saved in "
-                                              f"{self.checkpoint_dir}; continue with --resume auto")
+                                              f"{self.checkpoint_dir}; continue with --resume auto", stop)
                 fetch_start = time.perf_counter()
         finally:
             for sig, handler in previous_handlers.items():
@@ -367,7 +423,8 @@ class Trainer:
         if self.knn_enabled():
             final_knn = self._run_knn(log_path, self.total_steps, self.total_steps // self.steps_per_epoch)
         return {"steps": self.total_steps, "last": last_record, "knn": self.knn_history,
-                "final_knn": final_knn, "collapse_warnings": warnings, "memory": memory_bytes(self.runner)}
+                "final_knn": final_knn, "collapse_warnings": warnings, "memory": memory_bytes(self.runner),
+                "skipped_steps": self.skipped_steps}
 
     def _run_knn(self, log_path: Path, step: int, epoch: int) -> dict | None:
         """Rank 0 evaluates the teacher (identical on every rank) while the others wait."""
@@ -375,7 +432,7 @@ class Trainer:
         if self.is_main:
             record = self.evaluate_knn(step)
             with open(log_path, "a") as f:
-                f.write(json.dumps({**record, "epoch": epoch, "kind": "eval"}) + "\n")
+                f.write(json_line({**record, "epoch": epoch, "kind": "eval"}))
         barrier()
         return record
 
@@ -389,30 +446,30 @@ class Trainer:
         bad = ~torch.isfinite(loss.detach())
         self._first_nonfinite = torch.where(bad & (self._first_nonfinite == NO_STEP), step, self._first_nonfinite)
 
-    def _deferred_check(self) -> bool:
+    def _deferred_check(self) -> int:
         """Raises NonFiniteLossError naming the first non-finite step since the start (the steps
-        after it ran on NaN weights, but nothing of theirs was saved); else returns whether a
-        stop was requested, agreed by every rank (one tiny all-reduce of both flags)."""
-        flags = torch.stack([self._first_nonfinite, torch.tensor(-int(self._stop_requested), device=self.device)])
+        after it ran on NaN weights, but nothing of theirs was saved); else returns the signal
+        that asked to stop (0: none), agreed by every rank (one tiny all-reduce of both)."""
+        flags = torch.stack([self._first_nonfinite, torch.tensor(-self._stop_signal, device=self.device)])
         if self.dist.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         first_nonfinite, stop = flags.tolist()
         if first_nonfinite != NO_STEP:
             raise NonFiniteLossError(self._nonfinite_message(first_nonfinite) +
                                      "; the last checkpoint is intact (resume with --resume auto)")
-        return stop < 0
+        return -stop
 
-    def _check_step(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """on_nonfinite_loss=skip: (loss is non-finite, stop requested), the same on every rank.
-        One process: the finiteness check is a host sync every step. Several ranks: one tiny
-        all-reduce, so every rank skips or stops at the same step (a rank that went on alone would hang)."""
+    def _check_step(self, loss: torch.Tensor) -> tuple[bool, int]:
+        """on_nonfinite_loss=skip: (loss is non-finite, signal that asked to stop or 0), the same on
+        every rank. One process: the finiteness check is a host sync every step. Several ranks: one
+        tiny all-reduce, so every rank skips or stops at the same step (a rank that went on alone would hang)."""
         if self.dist.world_size == 1:
-            return not bool(torch.isfinite(loss)), self._stop_requested
+            return not bool(torch.isfinite(loss)), self._stop_signal
         flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                             torch.tensor(float(self._stop_requested), device=loss.device)])
+                             torch.tensor(float(self._stop_signal), device=loss.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite, stop = flags.tolist()
-        return nonfinite > 0, stop > 0
+        return nonfinite > 0, int(stop)
 
     def _mean_over_ranks(self, loss: torch.Tensor) -> float:
         """The loss of the whole (all-rank) batch: every rank's loss is its local batch mean."""
