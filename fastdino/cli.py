@@ -51,15 +51,31 @@ def _eval_device(args):
     return torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
 
 
-def _eval_backbone(args, device):
-    """(backbone on `device`, its arch, the image size to evaluate at) from any weights file that
-    fastdino.eval.export reads: the run's eval size for training checkpoints, else the model's img_size."""
-    from fastdino.eval.export import build_backbone_for, read_weights
+def _read_backbone(args, device):
+    """(backbone on `device`, the weights read) from CHECKPOINT, any kind fastdino.eval.export.read_backbone
+    reads; which file a folder stood for goes to stderr."""
+    from fastdino.eval.export import read_backbone
 
-    weights = read_weights(args.checkpoint, args.which)
-    backbone = build_backbone_for(weights, args.checkpoint, args.arch, args.patch_size).to(device)
+    backbone, weights = read_backbone(args.checkpoint, args.which, args.arch, args.patch_size)
+    if Path(args.checkpoint).is_dir():
+        print(f"reading {weights.source}", file=sys.stderr)
+    return backbone.to(device), weights
+
+
+def _eval_backbone(args, device):
+    """(backbone on `device`, its arch, the image size to evaluate at): the run's eval size for
+    training checkpoints, else the model's img_size."""
+    backbone, weights = _read_backbone(args, device)
     size = args.size or weights.eval_size or backbone.patch_embed.img_size
     return backbone, args.arch or weights.arch, size
+
+
+def _check_labelled_betons(args) -> None:
+    """--train and --val must be labelled .beton files; checked before any image is decoded."""
+    from fastdino.data.decode import check_beton
+
+    check_beton(args.train, source="--train", need_labels=True)
+    check_beton(args.val, source="--val", need_labels=True)
 
 
 def _init_distributed_from_env(device) -> tuple[int, int]:
@@ -88,6 +104,7 @@ def _eval_knn(args) -> int:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     rank, world_size = _init_distributed_from_env(device)
     backbone, _, size = _eval_backbone(args, device)
+    _check_labelled_betons(args)
 
     def embed(beton: str):
         """This rank's shard of the file, then every rank's rows in file order."""
@@ -120,6 +137,7 @@ def _eval_linear(args) -> int:
 
     device = _eval_device(args)
     backbone, arch, size = _eval_backbone(args, device)
+    _check_labelled_betons(args)
     default_blocks, default_avgpool = probe_defaults(arch)
     n_last_blocks = min(args.n_last_blocks or default_blocks, len(backbone.blocks))
     avgpool = default_avgpool if args.avgpool is None else args.avgpool
@@ -155,6 +173,8 @@ def _export(args) -> int:
 
     summary = export_weights(args.checkpoint, args.out, args.format, which=args.which, with_head=args.with_head,
                              arch=args.arch, patch_size=args.patch_size)
+    if Path(args.checkpoint).is_dir():
+        print(f"reading {summary['source']}", file=sys.stderr)
     step = f" of step {summary['source_step']}" if summary["source_step"] is not None else ""
     print(f"wrote {summary['out']}: {args.format} layout, {summary['which']} {summary['arch']}/"
           f"{summary['patch_size']}{step}, {summary['tensors']} tensors{' with the DINO head' if summary['with_head'] else ''}")
@@ -163,21 +183,23 @@ def _export(args) -> int:
 
 def _add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     """CHECKPOINT and how to read it, for the commands that take any backbone weights file."""
-    parser.add_argument("checkpoint", help="fastdino training checkpoint (.pt), official DINO weights (backbone-only "
+    parser.add_argument("checkpoint", help="fastdino training checkpoint (.pt, a DeepSpeed step folder, or a run "
+                                           "folder: its newest checkpoint), official DINO weights (backbone-only "
                                            "or full checkpoint), timm-layout or safetensors file")
     parser.add_argument("--which", choices=["teacher", "student"], default="teacher",
                         help="network of a training checkpoint (default teacher)")
     parser.add_argument("--arch", choices=["vit_tiny", "vit_small", "vit_base"],
-                        help="architecture of files that do not record it (official, timm)")
-    parser.add_argument("--patch-size", type=int, help="patch size of files that do not record it (official, timm)")
+                        help="architecture (default: what the file records, else what its tensor shapes show)")
+    parser.add_argument("--patch-size", type=int,
+                        help="patch size (default: what the file records, else what its tensor shapes show)")
 
 
 def _viz_attention(args) -> int:
     from fastdino.eval.draw import draw_attention_for_files
-    from fastdino.train.checkpoint import load_backbone
 
-    backbone, cfg = load_backbone(args.checkpoint, args.which)
-    paths = draw_attention_for_files(backbone, cfg.model.patch_size, args.images, Path(args.out), size=args.size)
+    backbone, _ = _read_backbone(args, "cpu")
+    paths = draw_attention_for_files(backbone, backbone.patch_embed.patch_size, args.images, Path(args.out),
+                                     size=args.size)
     for path in paths:
         print(path)
     return 0
@@ -335,11 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     viz = commands.add_parser("viz", help="pictures").add_subparsers(dest="viz_command", required=True,
                                                                      metavar="SUBCOMMAND")
     attention = viz.add_parser("attention", help="per-head CLS attention maps of the last block as PNG")
-    attention.add_argument("checkpoint", help="training checkpoint (.pt)")
-    attention.add_argument("images", nargs="+", help="image files")
+    _add_weights_arguments(attention)
+    attention.add_argument("images", nargs="+",
+                           help="image files (8-bit, 16-bit and 32-bit images are scaled to 8 bits as "
+                                "`data convert` does)")
     attention.add_argument("--out", default="attention", help="output folder (default ./attention)")
     attention.add_argument("--size", type=int, default=224, help="resize the shorter side to this (default 224)")
-    attention.add_argument("--which", choices=["teacher", "student"], default="teacher")
     attention.set_defaults(func=_viz_attention)
     return parser
 
@@ -356,10 +379,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("fastdino: interrupted", file=sys.stderr)
-        return 130
+    # `exit_status` (training stopped by SIGINT/SIGTERM) is the shell's 128 + signal number, so that
+    # schedulers and scripts see an interruption (130, 143) rather than a failure.
+    except KeyboardInterrupt as exc:
+        print(f"fastdino: interrupted{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
+        return getattr(exc, "exit_status", 130)
     except Exception as exc:  # one clear line for the user; FASTDINO_DEBUG=1 shows the traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"fastdino: error: {message}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_status", 1)

@@ -250,7 +250,7 @@ def test_dead_decoding_thread_raises():
 
 def test_missing_beton_is_one_clear_error(tmp_path):
     for make in (multicrop_loader, eval_loader):
-        with pytest.raises(FileNotFoundError, match="nope.beton"):
+        with pytest.raises(DataError, match="nope.beton: no such .beton file.*fastdino data convert"):
             make(tmp_path / "nope.beton", 4)
 
 

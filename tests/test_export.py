@@ -149,8 +149,20 @@ def test_mismatched_weights_name_the_keys(tmp_path, training_checkpoint):
     with pytest.raises(CheckpointError, match=r"missing keys \[blocks\.0\.mlp\.fc1\.weight\]; "
                                               r"unexpected keys \[blocks\.0\.extra\]"):
         load_pretrained_backbone(tmp_path / "broken.pth", "vit_tiny", 4, **TINY_SHAPE)
-    with pytest.raises(CheckpointError, match="does not say which model.*--arch"):
-        load_pretrained_backbone(tmp_path / "official.pth")
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)},
+               tmp_path / "resnet.pth")
+    with pytest.raises(CheckpointError, match=r"does not say which model.*\[conv1\.weight, fc\.weight\].*--arch"):
+        load_pretrained_backbone(tmp_path / "resnet.pth")
+
+
+def test_official_files_need_no_architecture_arguments(tmp_path, training_checkpoint, images):
+    """Width, patch size, depth and image size of a 1-block 16-px vit_tiny/4 come from its tensor shapes."""
+    export_weights(training_checkpoint, tmp_path / "official.pth", "official")
+    weights = read_weights(tmp_path / "official.pth")
+    assert (weights.arch, weights.patch_size, weights.depth, weights.img_size) == ("vit_tiny", 4, 1, 16)
+    with torch.no_grad():
+        assert torch.equal(load_pretrained_backbone(tmp_path / "official.pth")(images),
+                           reference(training_checkpoint)(images))
 
 
 def test_corrupted_and_missing_files_give_a_clear_error(tmp_path, training_checkpoint):
@@ -173,10 +185,10 @@ def test_cli_export_and_knn_on_exported_files(tmp_path, training_checkpoint, dig
     assert main(["export", str(training_checkpoint), "--format", "safetensors", "--out", str(out)]) == 0
     assert "safetensors layout, teacher vit_tiny/4 of step 7" in capsys.readouterr().out
     export_weights(training_checkpoint, tmp_path / "official.pth", "official")
-    # Official files do not record their depth: this 1-block one does not fit the official 12 blocks.
+    # An architecture given on the command line wins over the tensor shapes, and must fit them.
     assert main(["eval", "knn", str(tmp_path / "official.pth"), "--train", str(train), "--val", str(val),
-                 "--arch", "vit_tiny", "--patch-size", "4"]) == 1
-    assert "missing keys" in capsys.readouterr().err
+                 "--arch", "vit_small"]) == 1
+    assert "wrong shapes" in capsys.readouterr().err
     report = tmp_path / "knn.json"
     assert main(["eval", "knn", str(out), "--train", str(train), "--val", str(val), "--k", "10",
                  "--drop-high-variance", "8", "--json", str(report), "--device", "cpu"]) == 0

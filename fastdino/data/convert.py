@@ -27,20 +27,16 @@ require_ffcv("writing a .beton")
 
 from ffcv.fields import IntField, RGBImageField  # noqa: E402
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from fastdino.data.decode import IMAGE_FIELD, LABEL_FIELD
+from fastdino.data.decode import IMAGE_FIELD, LABEL_FIELD, DataError
+from fastdino.data.images import load_rgb
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_RESOLUTION = 512
 DEFAULT_JPEG_QUALITY = 90
-SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
-
-
-class DataError(ValueError):
-    """A data problem, reported to the user as one line."""
 
 
 def find_images(src):
@@ -75,22 +71,6 @@ def read_file_list(list_path):
         else:
             skipped.append({"path": str(path), "reason": f"no such file (line {number} of {list_path})"})
     return files, skipped
-
-
-def load_rgb(path, max_resolution):
-    """uint8 [H, W, 3] of an image file: EXIF orientation applied, longer side at most max_resolution."""
-    with Image.open(path) as image:
-        # JPEG: let libjpeg decode at 1/2..1/8 scale where that still leaves both sides >= max_resolution
-        image.draft("RGB", (max_resolution, max_resolution))
-        image = ImageOps.exif_transpose(image)
-        if image.mode in SIXTEEN_BIT_MODES:  # PIL's own convert would clip at 255 rather than scale
-            image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-        image = image.convert("RGB")
-    if max(image.size) > max_resolution:
-        scale = max_resolution / max(image.size)
-        new_size = tuple(max(1, round(side * scale)) for side in image.size)
-        image = image.resize(new_size, Image.Resampling.LANCZOS)
-    return np.asarray(image)
 
 
 def unusable_reason(path, max_resolution):

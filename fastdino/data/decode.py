@@ -32,6 +32,8 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
+from ffcv.types import CURRENT_VERSION, HeaderType
+from PIL import Image
 
 from fastdino.data import ffcv_threads  # noqa: F401  (imported for its effect: FFCV leaves torch's threads alone)
 
@@ -39,6 +41,82 @@ logger = logging.getLogger(__name__)
 
 IMAGE_FIELD = "image"
 LABEL_FIELD = "label"
+MAKE_ONE = "make one with `fastdino data convert IMAGE_FOLDER OUT.beton`"
+
+
+class DataError(ValueError):
+    """A data problem, reported to the user as one line."""
+
+
+def check_beton(path, *, source: str | None = None, need_labels: bool = False) -> None:
+    """Raises DataError, one line saying what is wrong and what to do, unless `path` is a .beton
+    that `BetonImages` can read (and, with need_labels, every image has a label >= 0).
+
+    Reads the file's header and sample records only, so it is cheap enough to call before
+    anything else. `source` names the setting the path came from (e.g. "data.path",
+    "--train") in the message.
+    """
+    reader = _open_beton(path, source)
+    if need_labels:
+        labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
+        unlabelled = int((labels < 0).sum())
+        if unlabelled:
+            raise DataError(f"{_name(path, source)} has {unlabelled} of {len(labels)} images without a label (-1: "
+                            f"`data convert` of a folder without class sub-folders), and labels are needed here: "
+                            f"convert a folder with one sub-folder per class")
+
+
+def _name(path, source):
+    return f"{source}={path}" if source else str(path)
+
+
+def _open_beton(path, source=None) -> Reader:
+    """FFCV's Reader of a .beton with the `image` and `label` fields, or a one-line DataError."""
+    name = _name(path, source)
+    if not str(path).strip():  # an unset path; Path("") would be the current folder
+        raise DataError(f"{source or 'the .beton path'} is empty: give a .beton file ({MAKE_ONE})")
+    path = Path(path)
+    if path.is_dir():
+        out = path.with_name(path.name + ".beton") if path.name else "OUT.beton"
+        raise DataError(f"{name} is a folder, not a .beton file: convert it first with "
+                        f"`fastdino data convert {path} {out}` and give that file")
+    if not path.is_file():
+        raise DataError(f"{name}: no such .beton file ({MAKE_ONE})")
+    if path.stat().st_size == 0:
+        raise DataError(f"{name} is an empty file, not a .beton file: {MAKE_ONE}")
+    header = np.fromfile(path, dtype=HeaderType, count=1)
+    if len(header) == 0 or header[0]["version"] != CURRENT_VERSION:
+        image_format = _image_format(path)
+        if image_format:
+            raise DataError(f"{name} is a {image_format} image, not a .beton file: put the images in a folder "
+                            f"and convert it with `fastdino data convert FOLDER OUT.beton`")
+        raise DataError(f"{name} is not an FFCV .beton file (no FFCV format-{CURRENT_VERSION} header): {MAKE_ONE}")
+    try:
+        reader = Reader(str(path))
+    except Exception:  # numpy errors from reading field descriptors or records past the end of the file
+        raise DataError(f"{name} is damaged or truncated (its FFCV header is intact, what follows is not): "
+                        f"convert it again") from None
+    fields = reader.handlers
+    if not isinstance(fields.get(IMAGE_FIELD), RGBImageField) or not isinstance(fields.get(LABEL_FIELD), IntField):
+        raise DataError(f"{name} needs an RGBImageField '{IMAGE_FIELD}' and an IntField '{LABEL_FIELD}'; "
+                        f"it has {', '.join(f'{n} ({type(f).__name__})' for n, f in fields.items())}")
+    if reader.num_samples == 0:
+        raise DataError(f"{name} holds no images: convert a folder that has images in it")
+    # A file cut short loses its sample records or its allocation table (written last).
+    if len(reader.metadata) < reader.num_samples or len(reader.alloc_table) < reader.num_samples:
+        raise DataError(f"{name} is truncated (its header counts {reader.num_samples} images, the file holds "
+                        f"records of {min(len(reader.metadata), len(reader.alloc_table))}): convert it again")
+    return reader
+
+
+def _image_format(path) -> str | None:
+    """PIL's name for the format of an image file (JPEG, PNG, ...), or None for anything else."""
+    try:
+        with Image.open(path) as image:
+            return image.format
+    except Exception:  # not an image: PIL raises UnidentifiedImageError and others
+        return None
+
 
 # One numba dispatcher per process, called with a 3-D destination: FFCV flips the
 # shared numba type of 1-D uint8 arrays to read-only whenever it builds a loader,
@@ -119,7 +197,8 @@ class BetonImages:
     """The images and labels of a .beton, decoded in batches of any sample order.
 
     Expects FFCV fields `image` (RGBImageField) and `label` (IntField), as
-    `convert_folder` writes them; other fields are ignored. stored_bytes=True yields
+    `convert_folder` writes them; other fields are ignored (a file that is not such a .beton
+    is a one-line DataError, see `check_beton`). stored_bytes=True yields
     each image's stored bytes instead of pixels (for the GPU decoder). os_cache: read
     through the OS page cache (memory-mapped file; best when the data set fits in RAM)
     rather than FFCV's own page reads; keep to one setting per process (FFCV's two memory
@@ -129,14 +208,8 @@ class BetonImages:
     """
 
     def __init__(self, path, batch_size, num_workers=2, *, stored_bytes=False, os_cache=True, batches_ahead=3):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such .beton file: {path}")
-        reader = Reader(str(path))
-        fields = reader.handlers
-        if not isinstance(fields.get(IMAGE_FIELD), RGBImageField) or not isinstance(fields.get(LABEL_FIELD), IntField):
-            raise ValueError(f"{path} needs an RGBImageField '{IMAGE_FIELD}' and an IntField '{LABEL_FIELD}'; "
-                             f"it has {', '.join(f'{n} ({type(f).__name__})' for n, f in fields.items())}")
+        reader = _open_beton(path)
+        path, fields = Path(path), reader.handlers
         metadata = reader.metadata
         image_meta = metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]
         self.heights = image_meta["height"].astype(np.int64)

@@ -5,21 +5,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from fastdino.data.images import load_rgb
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from fastdino.eval.attention_maps import (last_attention_maps, patch_pca_rgb, save_attention_figure,
                                           threshold_attention)
 
 
 def load_image(path: str | Path) -> np.ndarray:
+    """uint8 `[H, W, 3]` of an image file, read as `data convert` reads it (fastdino.data.images.load_rgb).
+    Raises FileNotFoundError, or ValueError for a file that is not a readable image."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except Exception as exc:
+        return load_rgb(path)
+    except Exception as exc:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError...)
         raise ValueError(f"cannot read image {path}: {exc}") from None
 
 

@@ -1,14 +1,21 @@
 """Backbone weights in and out: the official DINO layout, timm's, and safetensors.
 
-Reading (`read_weights`, `load_pretrained_backbone`) accepts, all through
-`torch.load(weights_only=True)` or safetensors, never pickle:
-  * fastdino training checkpoints (student/teacher `backbone.*` + `head.*`, config inside);
+Reading: `read_backbone` is the one reader every command uses (`eval knn|linear`, `viz
+attention`, `export`, `fastdino.train.checkpoint.load_backbone`); `read_weights` is its
+tensor half. It accepts, all through `torch.load(weights_only=True)` or safetensors, never
+pickle:
+  * fastdino training checkpoints (student/teacher `backbone.*` + `head.*`, config inside),
+    as a step file, a DeepSpeed step folder, or a run folder (its newest checkpoint, logged);
   * official backbone-only files such as `dino_deitsmall16_pretrain.pth`;
   * official full training checkpoints `{"student": ..., "teacher": ..., ...}`, whose keys
     carry `module.` (DDP) and `backbone.` (MultiCropWrapper) prefixes, stripped as the
     official `utils.load_pretrained_weights` does (teacher by default);
   * timm-layout files (also wrapped in `{"state_dict": ...}` or `{"model": ...}`) and
     safetensors files, ours (architecture in the metadata) or anyone's.
+What a file does not record (official and timm files say nothing about the model) is read
+off the tensor shapes, which fix a fastdino ViT exactly: the width names the architecture,
+the patch embedding the patch size, the block indices the depth, the position embedding
+the image size. Arguments given to the reader win over both.
 
 Writing (`export_weights`):
   * official: a plain `VisionTransformer.state_dict()`; with the head, `{which: {backbone.*,
@@ -33,8 +40,9 @@ Every file is written to a temporary name and renamed, so a crash never leaves h
 """
 from __future__ import annotations
 
-import argparse
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,12 +53,15 @@ from safetensors.torch import save_file
 from fastdino import models
 from fastdino.config import CHOICES
 from fastdino.models.vit import VisionTransformer
-from fastdino.train.checkpoint import CHECKPOINT_VERSION, SHARDED_PAYLOAD, CheckpointError, atomic_torch_save
+from fastdino.train.checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_torch_save, resolve_checkpoint,
+                                       torch_load_safely)
 
 EXPORT_FORMATS = ("official", "timm", "safetensors")
 SAFETENSORS_FORMAT_VERSION = "1"
 ARCHS = CHOICES["model.arch"]
-# What the official factories build when a file does not say otherwise (official weights are all 12 x 224).
+# The widths the architecture factories fix (models.vit_tiny, vit_small, vit_base).
+ARCH_BY_WIDTH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+# What the official factories build when neither the file nor its tensors say (official weights are all 12 x 224).
 OFFICIAL_DEPTH, OFFICIAL_IMG_SIZE = 12, 224
 
 
@@ -65,29 +76,40 @@ class BackboneWeights:
     img_size: int | None = None
     eval_size: int | None = None  # the run's eval.eval_size (fastdino checkpoints only)
     step: int | None = None
+    config: object | None = None  # the run's OmegaConf config (fastdino checkpoints only)
+    source: Path | None = None  # the file read (a folder's newest checkpoint, a step folder's fastdino.pt)
 
 
 def read_weights(path: str | Path, which: str = "teacher") -> BackboneWeights:
-    """The `which` network's backbone (and DINO head) from any file the module docstring lists."""
+    """The `which` network's backbone (and DINO head) from any file or folder the module docstring
+    lists, with what the file says about the model, completed from the tensor shapes.
+
+    Raises CheckpointError (one line) for a missing, damaged or foreign file, a folder without
+    a checkpoint, or a file that pickles anything but tensors and plain values.
+    """
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    path = Path(path)
-    if path.is_dir():  # a DeepSpeed run's step folder: its fastdino.pt holds student and teacher
-        path = path / SHARDED_PAYLOAD
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if _is_safetensors(path):
-        return _read_safetensors(path)
-    try:
-        # Official full checkpoints keep their argparse.Namespace of arguments: plain values, safe to allow.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path}: not a PyTorch or safetensors file, or corrupted "
-                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+    path = resolve_checkpoint(path)
+    weights = _read_safetensors(path) if _is_safetensors(path) else _read_torch_file(path, which)
+    weights.source = path
+    _complete_from_shapes(weights)
+    return weights
+
+
+def read_backbone(path: str | Path, which: str = "teacher", arch: str | None = None, patch_size: int | None = None,
+                  depth: int | None = None, img_size: int | None = None
+                  ) -> tuple[VisionTransformer, BackboneWeights]:
+    """(backbone in eval mode on the CPU, the weights read) from any file or folder the module
+    docstring lists; arguments given here win over what the file says. Raises CheckpointError
+    as `read_weights` and `build_backbone_for` do."""
+    weights = read_weights(path, which)
+    return build_backbone_for(weights, path, arch, patch_size, depth, img_size), weights
+
+
+def _read_torch_file(path: Path, which: str) -> BackboneWeights:
+    state = torch_load_safely(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of weights")
-
     if state.get("version") == CHECKPOINT_VERSION and "config" in state:  # a fastdino training checkpoint
         from omegaconf import OmegaConf
 
@@ -95,7 +117,7 @@ def read_weights(path: str | Path, which: str = "teacher") -> BackboneWeights:
         weights = _split_backbone_and_head(state[which], path)
         weights.arch, weights.patch_size = cfg.model.arch, cfg.model.patch_size
         weights.depth, weights.img_size = cfg.model.depth, cfg.model.img_size
-        weights.eval_size, weights.step = cfg.eval.eval_size, int(state["step"])
+        weights.eval_size, weights.step, weights.config = cfg.eval.eval_size, int(state["step"]), cfg
         return weights
     if "teacher" in state or "student" in state:  # an official full training checkpoint
         if which not in state:
@@ -107,20 +129,42 @@ def read_weights(path: str | Path, which: str = "teacher") -> BackboneWeights:
     return _split_backbone_and_head(state, path)
 
 
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+
+
+def _complete_from_shapes(weights: BackboneWeights) -> None:
+    """Fills what the file left unsaid from the tensors (see the module docstring); a ViT part
+    that is missing leaves its field empty, and the build then names the missing keys."""
+    tensors = weights.backbone
+    projection = tensors.get("patch_embed.proj.weight")  # [width, 3, patch, patch]
+    if projection is not None and projection.ndim == 4:
+        weights.arch = weights.arch or ARCH_BY_WIDTH.get(projection.shape[0])
+        weights.patch_size = weights.patch_size or projection.shape[-1]
+    blocks = [int(match.group(1)) for match in map(_BLOCK_KEY.match, tensors) if match]
+    if blocks and weights.depth is None:
+        weights.depth = max(blocks) + 1
+    positions = tensors.get("pos_embed")  # [1, 1 + (img_size / patch)^2, width]
+    if positions is not None and positions.ndim == 3 and weights.patch_size and weights.img_size is None:
+        side = math.isqrt(positions.shape[1] - 1)
+        if side * side == positions.shape[1] - 1:
+            weights.img_size = side * weights.patch_size
+
+
 def build_backbone_for(weights: BackboneWeights, source: str | Path, arch: str | None = None,
                        patch_size: int | None = None, depth: int | None = None,
                        img_size: int | None = None) -> VisionTransformer:
     """A VisionTransformer holding `weights`, in eval mode.
 
     Arguments given here win over what the file says; depth and img_size default to the
-    official 12 and 224. Raises CheckpointError naming the first missing, unexpected and
-    wrongly shaped keys when the weights do not fit.
+    official 12 and 224 where neither says. Raises CheckpointError naming the first missing,
+    unexpected and wrongly shaped keys when the weights do not fit.
     """
     arch, patch_size = arch or weights.arch, patch_size or weights.patch_size
     depth, img_size = depth or weights.depth or OFFICIAL_DEPTH, img_size or weights.img_size or OFFICIAL_IMG_SIZE
     if arch is None or patch_size is None:
-        raise CheckpointError(f"{source} does not say which model it holds: give the architecture "
-                              f"(--arch {'|'.join(ARCHS)} --patch-size 8|16)")
+        raise CheckpointError(f"{source} does not say which model it holds, and its tensors "
+                              f"{_first_few(sorted(weights.backbone))} fit none of {', '.join(ARCHS)}: give the "
+                              f"architecture (--arch {'|'.join(ARCHS)} --patch-size 8|16)")
     if arch not in ARCHS:
         raise CheckpointError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     model = getattr(models, arch)(patch_size=patch_size, img_size=[img_size], depth=depth)
@@ -142,24 +186,20 @@ def build_backbone_for(weights: BackboneWeights, source: str | Path, arch: str |
 def load_pretrained_backbone(path: str | Path, arch: str | None = None, patch_size: int | None = None, *,
                              which: str = "teacher", depth: int | None = None,
                              img_size: int | None = None) -> VisionTransformer:
-    """A frozen-evaluation-ready backbone from any supported file (see the module docstring).
-
-    fastdino checkpoints and our safetensors know their architecture; official and timm
-    files need `arch` and `patch_size` (depth and img_size default to the official 12, 224).
-    """
-    return build_backbone_for(read_weights(path, which), path, arch, patch_size, depth, img_size)
+    """The backbone of `read_backbone`, without the weights it came from."""
+    return read_backbone(path, which, arch, patch_size, depth, img_size)[0]
 
 
 def export_weights(path: str | Path, out: str | Path, fmt: str, which: str = "teacher", with_head: bool = False,
                    arch: str | None = None, patch_size: int | None = None) -> dict:
-    """Writes `which`'s backbone of `path` to `out` in format `fmt`; returns a summary of what it wrote."""
+    """Writes `which`'s backbone of `path` (anything `read_backbone` reads) to `out` in format `fmt`;
+    returns a summary of what it wrote and the file it read (`source`). Raises CheckpointError."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     if with_head and fmt == "timm":
         raise CheckpointError("timm has no place for the DINO projection head: export timm without --with-head")
-    weights = read_weights(path, which)
     # Building the model checks that the tensors fit the architecture written into the metadata.
-    backbone = build_backbone_for(weights, path, arch, patch_size)
+    backbone, weights = read_backbone(path, which, arch, patch_size)
     if with_head and not weights.head:
         raise CheckpointError(f"{path} has no DINO head to export (it holds a backbone only)")
     state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
@@ -179,7 +219,7 @@ def export_weights(path: str | Path, out: str | Path, fmt: str, which: str = "te
         _atomic_save_safetensors(tensors, metadata, Path(out))
     return {"out": str(out), "format": fmt, "which": which, "arch": arch or weights.arch,
             "patch_size": backbone.patch_embed.patch_size, "tensors": len(state) + len(head),
-            "with_head": bool(head), "source_step": weights.step}
+            "with_head": bool(head), "source_step": weights.step, "source": str(weights.source)}
 
 
 def _split_backbone_and_head(state: dict, path: Path) -> BackboneWeights:
@@ -187,6 +227,8 @@ def _split_backbone_and_head(state: dict, path: Path) -> BackboneWeights:
     wrapped in `backbone.` (a MultiCropWrapper), otherwise a classifier (timm), dropped."""
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    if not state:
+        raise CheckpointError(f"{path} holds no tensors")
     state = {_current_key(k.removeprefix("module.")): v for k, v in state.items()}
     wrapped = any(k.startswith("backbone.") for k in state)
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}

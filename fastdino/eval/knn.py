@@ -51,8 +51,10 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     the training-set size; "top5" is only reported with at least 5 classes and, as
     official, counts the target among the first min(5, k) ranked classes. With
     `ks=(10, 20, 100, 200)` every k is scored from one neighbour search and the result
-    is `{k: {"top1": ..., "top5": ...}}`.
+    is `{k: {"top1": ..., "top5": ...}}`. Raises ValueError for unlabelled images (label -1).
     """
+    if min(train_labels.min(), test_labels.min()) < 0:
+        raise ValueError("k-NN needs labelled images, got label -1 (convert a folder of class sub-folders)")
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     requested = tuple(ks) if ks is not None else (k,)

@@ -12,15 +12,22 @@ teacher, centre, step, k-NN history, config; what export and eval read). Every
 rank writes into `.tmp-step_<step>/`; after a barrier rank 0 renames it to its
 final name, so a folder named `step_<step>` is always complete, and a kill during
 the write leaves only a `.tmp-` folder, which is ignored and cleared later.
+
+Every file is read with `torch_load_safely`; backbones of every checkpoint kind
+(these, official DINO files, exports) come from `fastdino.eval.export.read_backbone`.
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
@@ -152,38 +159,79 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """A step file, or a DeepSpeed step folder (its fastdino.pt: everything but the optimizer)."""
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file `path` names: a file as it is; a DeepSpeed step folder's fastdino.pt; the
+    newest complete checkpoint of a run folder (or of its checkpoints/ folder), which is logged.
+
+    Raises CheckpointError when there is no such file, or the folder holds no checkpoint.
+    """
     path = Path(path)
+    if path.is_dir() and not (path / SHARDED_PAYLOAD).is_file():
+        checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        newest = latest_checkpoint(checkpoints)
+        if newest is None:
+            raise CheckpointError(f"{path} is a folder without a checkpoint: expected a run folder "
+                                  f"(checkpoints/step_*.pt or step_*/ inside) or a DeepSpeed step folder "
+                                  f"({SHARDED_PAYLOAD} inside)")
+        logger.info("%s is a run folder: reading its newest checkpoint, %s", path, newest.name)
+        path = newest
+    return _step_file(path)
+
+
+def _step_file(path: Path) -> Path:
+    """A step file as it is, a DeepSpeed step folder's fastdino.pt; CheckpointError when it is absent."""
     if path.is_dir():
         path = path / SHARDED_PAYLOAD
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+# torch.load's refusal names the class it would have to unpickle.
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def torch_load_safely(path: Path, map_location="cpu"):
+    """`torch.load(path, weights_only=True)`: tensors and plain values, never arbitrary pickles.
+
+    argparse.Namespace is allowed as well: official DINO training checkpoints keep their
+    command-line arguments in one (plain values only). Raises CheckpointError, one line,
+    for any other pickled class (naming it) and for damaged or foreign files.
+    """
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        text = _TERMINAL_CODES.sub("", str(exc))
+        unsafe = _UNSAFE_GLOBAL.search(text)
+        if unsafe:
+            raise CheckpointError(f"cannot read {path}: it pickles a {unsafe.group(1)} object, and fastdino loads "
+                                  f"only tensors and plain values (never arbitrary pickled code); save the weights "
+                                  f"as a plain state_dict of tensors") from None
+        reason = text.strip().splitlines()[0] if text.strip() else ""
+        raise CheckpointError(f"cannot read {path}: unreadable as PyTorch or safetensors weights, corrupted or "
+                              f"truncated ({type(exc).__name__}: {reason})") from None
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A fastdino training checkpoint to resume from: a step file, or a DeepSpeed step folder (its
+    fastdino.pt: everything but the optimizer). Raises CheckpointError for anything else."""
+    path = _step_file(Path(path))
+    state = torch_load_safely(path, map_location)
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a fastdino v{CHECKPOINT_VERSION} training checkpoint")
     return state
 
 
-def load_backbone(path: str | Path, which: str = "teacher"):
-    """The teacher's (or student's) backbone of a training checkpoint, built from the
-    config stored in it. Returns (backbone in eval mode, run config)."""
-    from omegaconf import OmegaConf
+def load_backbone(path: str | Path, which: str = "teacher", *, arch: str | None = None,
+                  patch_size: int | None = None):
+    """The teacher's (or student's) backbone in eval mode from any checkpoint kind that
+    `fastdino.eval.export.read_backbone` reads (training checkpoints, run folders, official
+    DINO files, exports); `arch` and `patch_size`, given, win over what the file says. Returns
+    (backbone, the run config of a fastdino training checkpoint, else None). Raises
+    CheckpointError when the file cannot be read or does not fit a ViT."""
+    from fastdino.eval.export import read_backbone
 
-    from fastdino.ssl.meta_arch import build_backbone
-
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    state = load_checkpoint(path)
-    cfg = OmegaConf.create(state["config"])
-    backbone = build_backbone(cfg.model, drop_path_rate=0.0)
-    prefix = "backbone."
-    weights = {k[len(prefix):]: v for k, v in state[which].items() if k.startswith(prefix)}
-    missing, unexpected = backbone.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path}: {which} backbone keys do not match the model "
-                              f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    return backbone.eval(), cfg
+    backbone, weights = read_backbone(path, which, arch, patch_size)
+    return backbone, weights.config

@@ -91,6 +91,21 @@ def batchnorm_buffers(*modules: torch.nn.Module) -> list[torch.Tensor]:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for buffer in m.buffers()]
 
 
+def check_data_paths(cfg) -> None:
+    """Raises a one-line error (MissingPackageError without FFCV, else fastdino.data.DataError)
+    unless data.path is `synthetic` or a readable .beton, and the k-NN files, where set, are
+    labelled .beton files. Reads headers and sample records only."""
+    paths = [] if cfg.data.path == SYNTHETIC else [("data.path", cfg.data.path, False)]
+    ev = cfg.eval
+    if ev.knn_train_path and ev.knn_val_path:
+        paths += [("eval.knn_train_path", ev.knn_train_path, True), ("eval.knn_val_path", ev.knn_val_path, True)]
+    for key, path, need_labels in paths:
+        require_ffcv(f"{key}={path}")
+        from fastdino.data.decode import check_beton
+
+        check_beton(path, source=key, need_labels=need_labels)
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """The device of this rank: cuda:LOCAL_RANK on GPUs."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -113,6 +128,7 @@ def autocast_context(device: torch.device, precision: str):
 class Trainer:
     def __init__(self, cfg, resume: str | None = None):
         self.cfg = cfg
+        check_data_paths(cfg)  # a wrong path is one line, before anything is started or logged
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         env_device = resolve_device(cfg.device)
@@ -189,7 +205,6 @@ class Trainer:
         if data.path == SYNTHETIC:
             logger.info("data.path=synthetic: random crops made on %s, no files read", self.device)
             return SyntheticMultiCrop(data.batch_size, **common)
-        require_ffcv(f"data.path={data.path}")
         from fastdino.data.loader import multicrop_loader
 
         return multicrop_loader(data.path, data.batch_size, augment=data.augment, num_workers=data.num_workers,
@@ -274,7 +289,6 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate_knn(self, step: int) -> dict:
-        require_ffcv("k-NN evaluation during training (eval.knn_train_path)")
         from fastdino.data.loader import eval_loader
 
         ev = self.cfg.eval
