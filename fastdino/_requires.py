@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 
 FFCV_INSTALL = ("`apt-get install pkg-config libturbojpeg0-dev libopencv-dev && pip install ffcv==1.0.2` "
-                "(or `make setup`)")
-DEEPSPEED_INSTALL = "`pip install deepspeed` (or `make setup`)"
+                "(the extra `fastdino[ffcv]`, or `make setup`)")
+DEEPSPEED_INSTALL = "`pip install deepspeed` (the extra `fastdino[deepspeed]`, or `make setup`)"
 
 
 class MissingPackageError(ImportError):
@@ -28,9 +28,9 @@ def require(module: str, what: str, install: str) -> None:
                                   f"install it with {install}") from None
 
 
-def require_ffcv(what: str) -> None:
-    """`what` (e.g. "data.path=train.beton") needs FFCV."""
-    require("ffcv", what, FFCV_INSTALL + ", or train on data.path=synthetic")
+def require_ffcv(what: str, alternative: str = "") -> None:
+    """`what` (e.g. "data.path=train.beton") needs FFCV; `alternative` (", or ...") ends the message."""
+    require("ffcv", what, FFCV_INSTALL + alternative)
 
 
 def require_deepspeed(what: str) -> None:
