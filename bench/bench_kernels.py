@@ -37,8 +37,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROFILE_TARGETS = ("loss_fwd", "loss_bwd", "loss_fwd_bwd", "ema", "copy")
 
 
+def prog() -> str:
+    """The command's name in usage and errors: `fastdino bench kernels` runs this file through fastdino.cli."""
+    return "fastdino bench kernels" if "fastdino.cli" in sys.modules else Path(sys.argv[0]).name
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog(), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu runs the Triton kernels under the interpreter (TRITON_INTERPRET=1): a smoke test")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (B=2, K=1000, a 1/100 parameter list)")
@@ -58,7 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report", nargs=argparse.REMAINDER, metavar="...",
                    help="instead, compile the kernels for sm_90 and report their resources, no GPU needed: "
                         "bench/kernel_report.py, later arguments are its own (--report --help)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.report is not None:
+        defaults = vars(p.parse_args([]))
+        given = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
+                 if key != "report" and value != defaults[key]]
+        if given:
+            # The report compiles for sm_90 and runs nothing: these options would silently not apply.
+            p.error(f"{' '.join(given)} before --report: the report runs nothing and takes only its own options, "
+                    "after --report (--report --help)")
+    return args
 
 
 def vit_small_dino_shapes(out_dim: int, patch: int = 16, image: int = 224) -> list[tuple[int, ...]]:
@@ -303,7 +317,7 @@ def main(argv=None) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import kernel_report
 
-        sys.exit(kernel_report.main(args.report))
+        sys.exit(kernel_report.main(args.report, prog=f"{prog()} --report"))
     if args.device == "cpu":
         # Before triton is imported: the kernels must be decorated as interpreted functions.
         os.environ["TRITON_INTERPRET"] = "1"

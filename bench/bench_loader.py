@@ -12,7 +12,8 @@
                   when asked for (--only gpu-bytes), as no FFCV page reading is in it.
 
 (a) to (c) read the same JPEGs (scikit-image's sample photos, randomly cropped and resized up to
-512 px, written once) and produce 2 global + N local crops per image. Each pipeline is set up
+512 px, written once) and produce 2 global + N local crops per image. (b) and (c) read them
+from a .beton and need FFCV; (a) does not, and runs without it. Each pipeline is set up
 once (the loader; PIL's worker pool lives for a pass, as its CPU time is counted when its
 workers end), warmed up by one pass, then timed over one pass. Cores used is
 (process + children CPU time) / wall time, so img/s per core compares the work per core.
@@ -267,30 +268,49 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import triton
 
+    if args.only in ("gpu", "gpu-bytes") and not torch.cuda.is_available():
+        sys.exit(f"bench_loader.py --only {args.only}: needs a CUDA GPU")
     if args.only == "gpu-bytes":
-        if not torch.cuda.is_available():
-            sys.exit("bench_loader.py --only gpu-bytes: needs a CUDA GPU")
         rows = [measure(name, run) for name, run in gpu_bytes_runs(args).items()]
     else:
-        rows = beton_pipelines(args)
+        rows = file_pipelines(args)
     report(rows, args, triton)
 
 
-def beton_pipelines(args) -> list[dict]:
+def ffcv_missing(args) -> str | None:
+    """Why the .beton pipelines (b) and (c) cannot run here (one line naming FFCV and how to
+    install it), or None. Exits with that line where only they were asked for."""
+    from fastdino._requires import MissingPackageError, require_ffcv
+
+    try:
+        require_ffcv(f"bench loader --only {args.only}" if args.only else
+                     "bench loader (its fastdino CPU and GPU pipelines)")
+    except MissingPackageError as error:
+        if args.only:
+            sys.exit(str(error))
+        return str(error)
+    return None
+
+
+def file_pipelines(args) -> list[dict]:
     """Rows of pipelines (a) to (c), over JPEG files and a .beton of them written to a temporary folder."""
-    import ffcv  # noqa: F401  (fails early, with its own message, where FFCV is missing)
-
-    from fastdino.data import convert_folder
-
+    beton_wanted = args.only in (None, "fastdino", "gpu")
+    missing = ffcv_missing(args) if beton_wanted else None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         paths = write_jpegs(folder, args.images)
-        beton = folder / "bench.beton"
-        convert_folder(folder / "images", beton, max_resolution=512, progress=False)
         rows = []
         if args.only in (None, "pil"):
             rows.append(measure("pil (official DataAugmentationDINO recipe, worker processes)",
                                 lambda: run_pil(paths, args)))
+        if missing:
+            print(f"PIL pipeline only: {missing}")
+        if not beton_wanted or missing:
+            return rows
+        from fastdino.data import convert_folder
+
+        beton = folder / "bench.beton"
+        convert_folder(folder / "images", beton, max_resolution=512, progress=False)
         if args.only in (None, "fastdino"):
             loader = fastdino_loader(beton, args, "cpu")
             rows.append(measure("fastdino CPU (FFCV decode + OpenCV uint8 multi-crop threads)",

@@ -145,6 +145,13 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args.arch, args.out_dim, args.worker_out)
         return
+    if args.measure:
+        from fastdino._requires import MissingPackageError, require_deepspeed
+
+        try:
+            require_deepspeed("bench memory --measure")
+        except MissingPackageError as error:
+            sys.exit(str(error))  # before the table: torchrun's ranks would only fail, each with a traceback
     print_table(analytic_table([("vit_small", 65536), ("vit_base", 65536)], args.weight_bytes))
     if not args.measure:
         return

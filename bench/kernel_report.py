@@ -18,12 +18,12 @@ ptxas log of that compile, SASS from the wheel's cuobjdump.
 
     python bench/kernel_report.py                           # table for the installed triton
     python bench/kernel_report.py --json kernel_report_triton3.9.jsonl   # + rows in bench/results/
-    python bench/kernel_report.py --python /work/venv-t36/bin/python --json kernel_report_triton3.6.jsonl
+    python bench/kernel_report.py --python ../venv-t36/bin/python --json kernel_report_triton3.6.jsonl
     python bench/kernel_report.py --kernels ema --batches 64 --crops 12 --dtypes bf16   # one launch
     fastdino bench kernels --report [same options]
 
---python re-runs the report under another interpreter (e.g. a side environment with the GPU
-machine's Triton), which needs only torch, triton and numpy: the repository's `kernels/`
+--python re-runs the report under another interpreter (e.g. a side environment with your GPU
+machine's Triton version), which needs only torch, triton and numpy: the repository's `kernels/`
 folder is put on its path as `fastdino_kernels`. TRITON_INTERPRET must not be set for the
 compile; where it is, the report re-runs itself without it.
 """
@@ -70,20 +70,35 @@ TILE_OPS = ("LDG", "STG", "LDS", "LDSM", "STS", "SHFL", "BAR", "LDL", "STL", "MU
 STUDENT_TEMP, TEACHER_TEMP, EMA_MOMENTUM = 0.1, 0.04, 0.996  # runtime fp32 arguments: no effect on the code
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kernel_report.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernels", nargs="+", choices=tuple(KERNELS), default=tuple(KERNELS),
-                   help="kernels to compile (default: all)")
-    p.add_argument("--batches", type=int, nargs="+", default=(64, 128), help="images per GPU (default 64 128)")
-    p.add_argument("--crops", type=int, nargs="+", default=(10, 12), help="student crops per image (default 10 12)")
-    p.add_argument("--dtypes", nargs="+", choices=("bf16", "fp32"), default=("bf16", "fp32"), help="logits dtype")
-    p.add_argument("--teacher-views", type=int, default=2, help="teacher views (default 2)")
-    p.add_argument("--out-dim", type=int, default=65536, help="K, the head's output dimension")
-    p.add_argument("--sms", type=int, default=132, help="SMs of the target GPU (H100/H200 SXM: 132)")
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def parse_args(argv=None, prog: str = "kernel_report.py") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernels", nargs="+", choices=tuple(KERNELS), default=tuple(KERNELS), metavar="KERNEL",
+                   help=f"kernels to compile, from {', '.join(KERNELS)} (default: all)")
+    p.add_argument("--batches", type=positive_int, nargs="+", default=(64, 128), metavar="B",
+                   help="images per GPU (default 64 128)")
+    p.add_argument("--crops", type=positive_int, nargs="+", default=(10, 12), metavar="V",
+                   help="student crops per image (default 10 12)")
+    p.add_argument("--dtypes", nargs="+", choices=("bf16", "fp32"), default=("bf16", "fp32"), metavar="DTYPE",
+                   help="logits dtypes, from bf16, fp32 (default both)")
+    p.add_argument("--teacher-views", type=positive_int, default=2, metavar="N", help="teacher views (default 2)")
+    p.add_argument("--out-dim", type=positive_int, default=65536, metavar="K",
+                   help="the head's output dimension (default 65536)")
+    p.add_argument("--sms", type=positive_int, default=132, metavar="N",
+                   help="SMs of the target GPU (default 132: H100/H200 SXM)")
     p.add_argument("--json", metavar="OUT", help="append one JSON row per launch to OUT (a bare name: bench/results/)")
     p.add_argument("--python", metavar="PY", help="re-run this report under another Python interpreter")
     p.add_argument("--rerun-of", help=argparse.SUPPRESS)  # set by `rerun`: the command the user ran
+    p.add_argument("--rerun-done", help=argparse.SUPPRESS)  # set by `rerun`: a file to touch once the report is out
     return p.parse_args(argv)
 
 
@@ -305,11 +320,22 @@ def print_table(rows: list[dict]) -> None:
           "tile: SASS instructions in one iteration of the loop over K tiles (LDS counts LDSM too)")
 
 
-def write_json(rows: list[dict], out: str, common: dict) -> None:
+def json_path(out: str) -> Path:
+    """--json's file: a bare name goes to bench/results/; its folder is made here, before the compile,
+    so that a path that cannot be written fails at once (SystemExit, one line)."""
     path = Path(out)
     if path.parent == Path("."):
         path = RESULTS / path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        sys.exit(f"kernel_report: --json {out}: cannot make the folder {path.parent} ({error.strerror or error})")
+    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        sys.exit(f"kernel_report: --json {out}: {path} is not a file that can be written")
+    return path
+
+
+def write_json(rows: list[dict], path: Path, common: dict) -> None:
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps({**row, **common}) + "\n")
@@ -318,29 +344,40 @@ def write_json(rows: list[dict], out: str, common: dict) -> None:
 
 def rerun(python: str, argv: list[str], command: str) -> int:
     """Runs this report with `argv` under `python` without TRITON_INTERPRET, with this
-    repository's kernels importable as `fastdino_kernels`; returns its exit status."""
+    repository's kernels importable as `fastdino_kernels`; returns its exit status, or exits
+    with one line where `python` printed no report."""
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "fastdino_kernels").symlink_to(REPO / "kernels", target_is_directory=True)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([tmp] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        return subprocess.run([python, str(Path(__file__).resolve()), *argv, "--rerun-of", command],
-                              env=env).returncode
+        done = Path(tmp) / "done"
+        code = subprocess.run([python, str(Path(__file__).resolve()), *argv, "--rerun-of", command,
+                               "--rerun-done", str(done)], env=env).returncode
+        # An exit status alone does not tell: something else than Python (`--python /bin/true`) exits 0 too.
+        if not done.is_file():
+            hint = ": is it a Python interpreter with torch and triton?" if code == 0 else ""
+            sys.exit(f"kernel_report: no report from {python} (exit {code}){hint}")
+        return code
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "kernel_report.py") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     command = args.rerun_of or shlex.join([Path(sys.executable).name] + sys.argv)
     if args.python and shutil.which(args.python) is None:
         sys.exit(f"kernel_report: no Python interpreter {args.python}")
+    out = json_path(args.json) if args.json else None
     if args.rerun_of is None and (args.python or "TRITON_INTERPRET" in os.environ):
         # Triton fixes the interpreter mode when it is imported: compiling needs a process without it.
         return rerun(args.python or sys.executable, argv, command)
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))  # bench_kernels, also when run from `fastdino bench kernels --report`
-    import torch
+    try:
+        import torch
 
-    compiler = Compiler()
+        compiler = Compiler()
+    except ImportError as error:
+        sys.exit(f"kernel_report: needs torch and triton with its NVIDIA backend ({error})")
     launches = ema_launches(args, torch) if "ema" in args.kernels else []
     if set(args.kernels) - {"ema"}:
         for dtype_name in args.dtypes:
@@ -351,9 +388,11 @@ def main(argv=None) -> int:
     print(f"{DEVICE}, {args.sms} SMs: triton {versions['triton']}, {versions['ptxas']}, torch {versions['torch']}")
     rows = [report_row(launch, compiler.resources(launch), args.sms) for launch in launches]
     print_table(rows)
-    if args.json:
+    if out:
         date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        write_json(rows, args.json, dict(device=DEVICE, **versions, date=date, command=command))
+        write_json(rows, out, dict(device=DEVICE, **versions, date=date, command=command))
+    if args.rerun_done:
+        Path(args.rerun_done).touch()
     return 0
 
 

@@ -1,19 +1,23 @@
 """bench/gpu_suite.py and bench/gpu_wheels.sh, on a machine without a GPU.
 
 The suite's GPU sections can only run on the GPU machine; here: its pure logic (the budget,
-which carried wheels to install, rows, pytest's outcomes, the summary), that every step's
-command line is one its script accepts, that a step that hangs is killed and one that
-finishes has its rows kept, that the wheel list covers every package the suite's code
-imports which the GPU machine lacks, and the whole suite on this CPU (GPU sections skipped,
-exit 0, quickly).
+which carried wheels to install, rows, pytest's outcomes, the summary), its arguments, that
+every step's command line is one its script accepts, that a step that hangs is killed and one
+that finishes has its rows kept, that Ctrl-C or SIGTERM stops the running step and still
+writes the summary, that each run's files describe that run only, that the wheel list covers
+every package the suite's code imports which the GPU machine lacks, and the whole suite on
+this CPU (env and kernel_report run, GPU sections skipped, exit 0, quickly).
 """
 import ast
 import importlib.metadata
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -35,7 +39,7 @@ def load(name):
 
 suite = load("gpu_suite")
 
-# The GPU machine's Python packages (the device tool's KINDS.md, nvidia-h200 image 'cuda', read 2026-11-17).
+# The Python packages of the GPU machine the suite was written for (H200, image 'cuda', read 2026-11-17).
 H200_PACKAGES = set("""
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
 charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
@@ -272,11 +276,15 @@ def test_on_this_cpu_it_runs_the_env_section_and_skips_the_gpu_ones(tmp_path):
         pytest.skip("the rest checks a machine without CUDA")
     assert by_what["env/cuda_available"]["value"] is False and "no CUDA" in by_what["env/device"]["value"]
     assert by_what["env/fast_path/nvjpeg_decode"]["detail"] == "the device is cpu, not a CUDA GPU"
-    for name in ("cuda_tests", "kernels", "train_step", "loader", "kernel_report"):
+    for name in ("cuda_tests", "kernels", "train_step", "loader"):
         assert by_what[f"section/{name}"]["value"].startswith("skipped: no CUDA device"), name
     summary = (out / "summary.txt").read_text()
     assert done.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary is printed last
     assert "fastdino GPU suite: summary" in summary and "no CUDA" in summary
+    if importlib.util.find_spec("triton.backends.nvidia") is not None:  # compiles for sm_90 without a GPU
+        assert by_what["section/kernel_report"]["value"] == "ok"
+        assert any(row["what"].startswith("kernel_report/") and row["section"] == "kernel_report" for row in rows)
+        assert "Triton kernels as compiled here" in summary
 
 
 def test_a_failed_kernels_step_is_rerun_without_torch_compile(tmp_path, monkeypatch):
@@ -306,3 +314,161 @@ def test_a_failed_kernels_step_is_rerun_without_torch_compile(tmp_path, monkeypa
     status = next(row for row in rows if row["what"] == "section/kernels")["value"]
     assert status == "failed (exit 1), ok, ok"
     assert "B64/crops12/K65536/bf16" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize("budget", ["0", "-5", "1", "29", "nan", "inf", "ten"])
+def test_a_budget_too_small_or_not_a_number_is_refused(budget, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        suite.parse_args(["--out", "/tmp/unused", "--budget", budget])
+    assert exit_.value.code == 2 and "--budget" in capsys.readouterr().err
+    assert suite.parse_args(["--out", "/tmp/unused", "--budget", "30"]).budget == 30
+
+
+def test_out_is_required_and_must_be_a_folder_that_can_be_made(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        suite.parse_args([])
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--help"])
+    usage = capsys.readouterr().out
+    assert "--out DIR" in usage and "[--out" not in usage
+    for internal in ("device tool", "carry=", "$OUT"):
+        assert internal not in usage
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for out, problem in ((a_file, "it is a file, not a folder"), (a_file / "sub", "cannot make the folder"),
+                         ("/proc/no/such/folder", "cannot make the folder")):
+        with pytest.raises(SystemExit) as exit_:
+            suite.main(["--out", str(out), "--budget", "60"])
+        message = str(exit_.value.code)
+        assert message.startswith(f"gpu_suite.py: --out {out}: {problem}") and "\n" not in message
+
+
+def fake_env(cuda, status="ok", row=None):
+    """A section_env that runs no process: sets what it learnt of CUDA (None: not checked)."""
+    def section_env(self, budget):
+        self.cuda = cuda
+        if row:
+            self.record("env", row, 1.0, "x")
+        return status
+    return section_env
+
+
+def suite_args(tmp_path, *extra):
+    return suite.parse_args(["--out", str(tmp_path / "out"), "--wheels", str(tmp_path / "none"), "--site",
+                             str(tmp_path / "site"), *extra])
+
+
+def section_rows(out):
+    return {row["what"]: row for row in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
+
+
+def test_cuda_that_was_never_checked_is_not_reported_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite.Suite, "section_env", fake_env(None, "failed (exit 1)"))
+    assert suite.Suite(suite_args(tmp_path, "--only", "kernels", "loader")).run() == 0
+    rows = section_rows(tmp_path / "out")
+    for name in ("kernels", "loader"):
+        assert rows[f"section/{name}"]["value"] == "skipped: CUDA not checked (env section: failed (exit 1))"
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "CUDA not checked; device unknown" in summary and "no CUDA device" not in summary
+
+
+def test_kernel_report_runs_without_cuda(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(suite.Suite, "section_env", fake_env(False))
+    monkeypatch.setattr(suite.Suite, "section_kernel_report", lambda self, budget: ran.append(budget) or "ok")
+    assert suite.Suite(suite_args(tmp_path, "--only", "kernels", "kernel_report")).run() == 0
+    rows = section_rows(tmp_path / "out")
+    assert ran and rows["section/kernel_report"]["value"] == "ok"
+    assert rows["section/kernels"]["value"].startswith("skipped: no CUDA device")
+
+
+def test_each_run_starts_its_files_afresh(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(suite.Suite, "section_env", fake_env(False, row="x/first_run"))
+    assert suite.Suite(suite_args(tmp_path, "--only", "kernels")).run() == 0
+    assert "x/first_run" in section_rows(out) and (out / "summary.txt").is_file()
+    (out / "other.txt").write_text("kept")
+    monkeypatch.setattr(suite.Suite, "section_env", fake_env(False, row="x/second_run"))
+    second = suite.Suite(suite_args(tmp_path, "--only", "kernels"))
+    assert not (out / "summary.txt").exists()  # not the first run's, while the second one runs
+    assert second.run() == 0
+    rows = section_rows(out)
+    assert "x/second_run" in rows and "x/first_run" not in rows
+    assert len((out / "rows.jsonl").read_text().splitlines()) == len(rows)  # one section/... row per section
+    assert (out / "other.txt").read_text() == "kept"
+
+
+def test_no_install_leaves_the_site_folder_off_the_path(tmp_path, capsys):
+    (tmp_path / "site").mkdir()
+    for extra, on_path in (((), True), (("--no-install",), False)):
+        made = suite.Suite(suite_args(tmp_path, *extra))
+        try:
+            made.install_wheels()
+        finally:
+            made.log.close()
+            shutil.rmtree(made.tmp, ignore_errors=True)
+        assert (str(tmp_path / "site") in made.env["PYTHONPATH"].split(os.pathsep)) == on_path, extra
+    assert f"--no-install: the wheels of {tmp_path / 'none'} and {tmp_path / 'site'} are not used" in \
+        capsys.readouterr().out
+
+
+# The suite with its env section replaced by a step that writes its pid to argv[2] and sleeps.
+SLEEPING_ENV = textwrap.dedent("""
+    import sys
+
+    sys.path.insert(0, sys.argv[1])
+    import gpu_suite
+
+    SLEEP = ("import os, sys, time; open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid())); "
+             "os.rename(sys.argv[1] + '.tmp', sys.argv[1]); time.sleep(120)")
+
+    def sleeping_env(self, budget):
+        return self.run_step("env", [sys.executable, "-c", SLEEP, sys.argv[2]], budget)[0]
+
+    gpu_suite.Suite.section_env = sleeping_env
+    sys.exit(gpu_suite.main(sys.argv[3:]))
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_running_step_and_writes_the_summary(tmp_path, sig):
+    out, pid_file = tmp_path / "out", tmp_path / "step.pid"
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPING_ENV, str(BENCH), str(pid_file), "--out", str(out),
+                             "--wheels", str(tmp_path / "none"), "--site", str(tmp_path / "site"), "--only", "kernels"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert pid_file.is_file(), proc.communicate(timeout=30)
+        step = int(pid_file.read_text())
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, stdout[-2000:] + stderr[-2000:]
+    assert stderr.strip().splitlines() == [f"gpu_suite.py: interrupted by {name} during env: its processes were "
+                                           f"stopped; what ran is in {out / 'summary.txt'}"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(step, 0)  # stopped and reaped: its time limit no longer enforced by anyone
+    rows = section_rows(out)
+    assert rows["section/env"]["value"].startswith(f"interrupted by {name} after")
+    assert rows["section/kernels"]["value"] == "not run: the suite was interrupted"
+    summary = (out / "summary.txt").read_text()
+    assert f"interrupted by {name}" in summary and "not run: the suite was interrupted" in summary
+
+
+def test_env_gets_at_least_its_share_of_a_short_budget(tmp_path, monkeypatch):
+    given = []
+
+    def env(self, budget):
+        given.append(budget)
+        self.cuda = False
+        return "ok"
+
+    monkeypatch.setattr(suite.Suite, "section_env", env)
+    monkeypatch.setattr(suite.Suite, "section_kernel_report", lambda self, budget: "ok")
+    assert suite.Suite(suite_args(tmp_path, "--budget", "60")).run() == 0
+    assert given[0] >= dict(suite.SECTIONS)["env"] - 1  # not 55 s x 40 / 490 of it: every section depends on env

@@ -81,3 +81,34 @@ def test_report_compiles_every_kernel_for_sm90(tmp_path):
         assert rows[name]["constexprs"]["V"] == 12 and rows[name]["num_warps"] == 4
     chunk = 16384  # fastdino_kernels.ema.CHUNK (not imported: this process leaves triton alone)
     assert rows["_ema_kernel"]["programs"] == sum(math.ceil(math.prod(s) / chunk) for s in vit_small_dino_shapes(65536))
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--batches", "0"], "--batches"), (["--batches", "-3"], "--batches"), (["--batches", "64", "x"], "--batches"),
+    (["--sms", "0"], "--sms"), (["--crops", "0"], "--crops"), (["--out-dim", "0"], "--out-dim"),
+    (["--teacher-views", "0"], "--teacher-views"),
+])
+def test_sizes_below_one_are_argument_errors(args, option, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        kernel_report.parse_args(args, prog="fastdino bench kernels --report")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"fastdino bench kernels --report: error: argument {option}:" in err
+
+
+def test_help_states_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        kernel_report.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for default in ("logits dtypes, from bf16, fp32 (default both)", "output dimension (default 65536)",
+                    "(default 64 128)", "(default 10 12)", "teacher views (default 2)", "(default 132"):
+        assert default in help_text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--json", "/proc/no/such/rows.jsonl"], "kernel_report: --json /proc/no/such/rows.jsonl: cannot make the folder"),
+    (["--python", "/bin/true"], "kernel_report: no report from /bin/true (exit 0): is it a Python interpreter"),
+])
+def test_an_unusable_json_path_or_python_is_one_line_before_any_compile(args, message):
+    with pytest.raises(SystemExit) as exit_:
+        kernel_report.main([*args, "--kernels", "ema"])
+    assert str(exit_.value.code).startswith(message) and "\n" not in str(exit_.value.code)
