@@ -35,7 +35,7 @@ $(STAMP): setup.py | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	set -o pipefail; $(PY) -m pip install -q torch==2.13.0 2>&1 | { grep -v "is ignored" || true; }
-	set -o pipefail; $(PY) -m pip install -q -e '.[dev]' 2>&1 | { grep -v "is ignored" || true; }
+	set -o pipefail; $(PY) -m pip install -q -e '.[dev,ffcv,deepspeed]' 2>&1 | { grep -v "is ignored" || true; }
 	touch $(STAMP)
 
 clean:

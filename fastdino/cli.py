@@ -17,13 +17,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _train(args) -> int:
-    from fastdino.config import load_config
     from fastdino.parallel import shutdown_distributed
+    from fastdino.train.run_folder import launch_config
     from fastdino.train.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = launch_config(args.config, args.overrides, args.resume)
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
         summary = trainer.train()
     finally:
         shutdown_distributed()
@@ -248,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train", help="train DINO from a config file", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Loads configs/default.yaml, then --config, then key=value overrides.\n\n"
+        description="Loads configs/default.yaml, then --config, then key=value overrides (with --resume, the\n"
+                    "run's own config.yaml comes right after default.yaml). One run writes to a run folder at a\n"
+                    "time (a second is refused, naming the holder); a new run refuses a folder holding another\n"
+                    "run's checkpoints or log.jsonl (--resume auto continues it, --overwrite replaces it).\n\n"
                     "Launch: `fastdino train ...` is one process (CPU or one GPU). Several ranks take rank and world\n"
                     "size from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):\n"
                     "  torchrun --nproc_per_node N -m fastdino train --config FILE\n"
@@ -264,7 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="experiment YAML (only the keys that differ from default.yaml)")
     train.add_argument("--resume", metavar="CHECKPOINT|auto",
                        help="continue from a checkpoint (a step file, or a DeepSpeed step folder), or the newest "
-                            "complete one in output_dir/checkpoints (auto); same world size and ZeRO stage")
+                            "complete one in output_dir/checkpoints (auto; none: start from scratch, with a "
+                            "warning); same world size and ZeRO stage. The run's own config.yaml is read first, "
+                            "so `--resume auto output_dir=RUN` needs nothing else; --config and key=value go on "
+                            "top, and keys that shape the model, optimizer, schedules or data order cannot change")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in output_dir: delete its checkpoints and log.jsonl once "
+                            "this run is set up (without it, a folder holding a run is refused)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.001 data.batch_size=32")
     train.set_defaults(func=_train)
 
@@ -335,14 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=_plot)
 
     export = commands.add_parser(
-        "export", help="write a backbone as official DINO, timm or safetensors weights",
-        description="official: the plain VisionTransformer state_dict of the released dino_*_pretrain.pth files "
-                    "(with --with-head: {WHICH: {backbone.*, head.*}}); timm: the same names, loadable with "
-                    "timm.create_model(..., num_classes=0); safetensors: with arch, patch_size, embed_dim, depth, "
-                    "img_size and source step in its metadata.")
+        "export", help="write a backbone as official DINO, timm, safetensors or Hugging Face weights",
+        description="official (.pth): the plain VisionTransformer state_dict of the released dino_*_pretrain.pth "
+                    "files (with --with-head: {WHICH: {backbone.*, head.*}}); timm (.safetensors): the same names "
+                    "(timm kept DINO's) in timm's safetensors container, with the timm.create_model arguments in its "
+                    "metadata; safetensors (.safetensors): with arch, patch_size, embed_dim, depth, num_heads, "
+                    "img_size and source step in its metadata; hf (a folder): config.json + model.safetensors for "
+                    "transformers.ViTModel.from_pretrained(OUT, add_pooling_layer=False).")
     _add_weights_arguments(export)
-    export.add_argument("--format", required=True, choices=["official", "timm", "safetensors"])
-    export.add_argument("--out", required=True, help="output file (written to a temporary name, then renamed)")
+    export.add_argument("--format", required=True, choices=["official", "timm", "safetensors", "hf"])
+    export.add_argument("--out", required=True,
+                        help="output file, or folder for hf (written under a temporary name, then renamed); a name "
+                             "without an extension gets the format's")
     export.add_argument("--with-head", action="store_true",
                         help="also write the DINO projection head (official and safetensors only)")
     export.set_defaults(func=_export)

@@ -4,7 +4,9 @@ The dataclasses below are the schema (names and types only); every default value
 lives in `configs/default.yaml`, with a comment, so there is one place to read them.
 A run's config is built as default.yaml <- experiment file <- `key=value`
 overrides, validated against the schema at load time, and written into the run
-folder as `config.yaml`.
+folder as `config.yaml`. A resumed run's config puts that saved `config.yaml` under the
+experiment file and the overrides; `check_resume_fits` refuses changes to the keys that
+cannot change mid-run.
 """
 from __future__ import annotations
 
@@ -15,7 +17,16 @@ from typing import List
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    # A wheel installs the top-level configs/ folder as the package data fastdino/configs/ (setup.py);
+    # a source checkout, editable install included, reads configs/ beside the package.
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if (installed / "default.yaml").is_file() else package.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
@@ -204,7 +215,9 @@ def _validate(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {OmegaConf.select(cfg, key)}")
-    for key in ("data.n_local_crops", "optim.warmup_epochs", "dino.warmup_teacher_temp_epochs"):
+    if cfg.model.out_dim < 2:  # one prototype: the softmax is constant and ln K = 0
+        raise ConfigError(f"config key 'model.out_dim' must be at least 2, got {cfg.model.out_dim}")
+    for key in ("max_steps", "data.n_local_crops", "optim.warmup_epochs", "dino.warmup_teacher_temp_epochs"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
     # A warm-up longer than the run never reaches its target; both schedules get the same answer.
@@ -231,12 +244,31 @@ def _key_exists(cfg: DictConfig, dotted_key: str) -> bool:
     return True
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """default.yaml, then the experiment file `path`, then `key=value` overrides."""
+def find_config(path: str | Path) -> Path:
+    """The experiment file `--config` names: an existing file as given, else a shipped config by
+    its bare name (`demo` or `demo.yaml` is CONFIG_DIR/demo.yaml, wherever the command runs).
+    Raises ConfigError when neither exists, listing the shipped names."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and path.suffix in ("", ".yaml"):
+        shipped = CONFIG_DIR / f"{path.stem}.yaml"
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {path} (give a file, or the name of a shipped config: {names})")
+
+
+def compose_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                   base: str | Path | None = None) -> DictConfig:
+    """default.yaml, then `base` (a run's saved config.yaml, when resuming), then the experiment
+    file `path`, then `key=value` overrides; type-checked but not validated (keys may be missing)."""
     cfg = OmegaConf.structured(RunConfig)
     cfg = _merge(cfg, _read_yaml(DEFAULT_CONFIG), DEFAULT_CONFIG.name)
-    if path is not None:
-        cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
+    path = find_config(path) if path is not None else None
+    for source in (base, path):
+        if source is not None:
+            cfg = _merge(cfg, _read_yaml(Path(source)), str(source))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (for example optim.lr=0.001)")
@@ -244,6 +276,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not _key_exists(cfg, key):
             raise ConfigError(f"config key '{key}' does not exist (override '{item}')")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: str | Path | None = None) -> DictConfig:
+    """The validated, read-only run config: default.yaml, then `base` (a run's saved config.yaml,
+    when resuming), then the experiment file `path`, then `key=value` overrides."""
+    cfg = compose_config(path, overrides, base)
     _validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -251,6 +291,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     Path(path).write_text(OmegaConf.to_yaml(cfg))
+
+
+# What a resumed run may change: when it stops, logs, saves and evaluates, where its files are, and
+# how (not what) it computes. Everything else shapes the model, the optimizer state, the schedules
+# or the data order, which the checkpoint has committed to. A key or a whole section.
+CHANGEABLE_ON_RESUME = (
+    "output_dir", "max_steps", "device", "precision", "log_every", "checkpoint_every", "keep_checkpoints",
+    "on_nonfinite_loss", "progress", "eval", "monitor",
+    "data.path", "data.num_workers", "data.decode", "data.crops", "data.os_cache", "data.batches_ahead",
+    "model.attn_backend", "model.drop_path_impl", "model.packed_crops", "model.activation_checkpointing",
+    "model.compile", "dino.loss_impl", "dino.ema_impl", "parallel.timeout_s", "parallel.bucket_elements",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changeable_on_resume(key: str) -> bool:
+    """Whether a resumed run may give the dotted config `key` another value than its checkpoint."""
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in CHANGEABLE_ON_RESUME)
+
+
+def check_resume_fits(saved: DictConfig, cfg: DictConfig, source: str) -> None:
+    """Raises ConfigError, one line naming every key with its saved and new value, when `cfg` changes
+    a key that cannot change mid-run (see CHANGEABLE_ON_RESUME). Keys `saved` lacks (added to the
+    schema since it was written) are not compared."""
+    old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
+    changed = [f"{key} {old[key]!r} -> {new[key]!r}" for key in sorted(old)
+               if key in new and old[key] != new[key] and not changeable_on_resume(key)]
+    if changed:
+        raise ConfigError(f"cannot change on resume: {', '.join(changed)} ({source} was trained with the first "
+                          f"value; drop these overrides, or start a new run in another output_dir)")
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -1,12 +1,17 @@
-"""Backbone export to the official / timm / safetensors layouts and import from every supported file."""
+"""Backbone export to the official / timm / safetensors / hf layouts and import from every supported file
+(tests/test_hf.py: the Hugging Face side)."""
 import argparse
 import json
+import os
 import shutil
+import stat
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from fastdino.cli import main
 from fastdino.config import load_config
@@ -47,13 +52,14 @@ def reference(checkpoint, which="teacher"):
     return load_backbone(checkpoint, which)[0]
 
 
-@pytest.mark.parametrize("fmt", ["official", "timm", "safetensors"])
+@pytest.mark.parametrize("fmt", ["official", "timm", "safetensors", "hf"])
 def test_export_then_load_gives_identical_outputs(tmp_path, training_checkpoint, images, fmt):
-    out = tmp_path / f"backbone.{fmt}"
-    summary = export_weights(training_checkpoint, out, fmt)
+    """Every export carries its architecture (a 1-block, 16-px vit_tiny/4): read back without flags."""
+    summary = export_weights(training_checkpoint, tmp_path / "backbone", fmt)
     assert summary["source_step"] == 7 and summary["arch"] == "vit_tiny"
-    shape = {} if fmt == "safetensors" else dict(arch="vit_tiny", patch_size=4, **TINY_SHAPE)
-    loaded = load_pretrained_backbone(out, **shape)
+    out = Path(summary["out"])
+    assert out.name == {"official": "backbone.pth", "hf": "backbone"}.get(fmt, "backbone.safetensors")
+    loaded = load_pretrained_backbone(out)
     with torch.no_grad():
         assert torch.equal(loaded(images), reference(training_checkpoint)(images))
         assert torch.equal(loaded.get_intermediate_layers(images, 1)[0],
@@ -61,12 +67,59 @@ def test_export_then_load_gives_identical_outputs(tmp_path, training_checkpoint,
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the temporary file was renamed away
 
 
-def test_official_and_timm_files_are_plain_state_dicts_with_the_expected_names(tmp_path, training_checkpoint):
-    for fmt in ("official", "timm"):
-        export_weights(training_checkpoint, tmp_path / fmt, fmt)
-        state = torch.load(tmp_path / fmt, weights_only=True)
-        assert set(state) == TIMM_KEYS
-        assert set(state) == set(reference(training_checkpoint).state_dict())
+def test_official_and_timm_hold_timms_names_in_their_own_containers(tmp_path, training_checkpoint):
+    export_weights(training_checkpoint, tmp_path / "official.pth", "official")
+    export_weights(training_checkpoint, tmp_path / "timm.safetensors", "timm")
+    official = torch.load(tmp_path / "official.pth", weights_only=True)
+    timm = load_file(tmp_path / "timm.safetensors")
+    assert set(official) == set(timm) == TIMM_KEYS == set(reference(training_checkpoint).state_dict())
+    assert all(torch.equal(official[k], timm[k]) for k in official)
+    with safe_open(tmp_path / "timm.safetensors", framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["timm_model"] == "vit_tiny_patch16_224"
+    assert json.loads(metadata["timm_model_args"]) == dict(img_size=16, patch_size=4, embed_dim=192, depth=1,
+                                                           num_heads=3, num_classes=0)
+
+
+def test_output_names_follow_the_format(tmp_path, training_checkpoint, capsys):
+    with pytest.raises(CheckpointError, match=r"a \.safetensors file, not a \.pth file; name it \S*t\.safetensors"):
+        export_weights(training_checkpoint, tmp_path / "t.pth", "safetensors")
+    with pytest.raises(CheckpointError, match=r"official writes a \.pth file, not a \.safetensors file"):
+        export_weights(training_checkpoint, tmp_path / "t.safetensors", "official")
+    with pytest.raises(CheckpointError, match=r"hf writes a folder"):
+        export_weights(training_checkpoint, tmp_path / "t.pth", "hf")
+    assert main(["export", str(training_checkpoint), "--format", "timm", "--out", str(tmp_path / "t.pth")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+    # The format's other extension, and names that say nothing about the container, are kept.
+    for name in ("teacher.v2", "t.pt"):
+        assert export_weights(training_checkpoint, tmp_path / name, "official")["out"] == str(tmp_path / name)
+
+
+@pytest.mark.parametrize("fmt", ["official", "timm", "safetensors", "hf"])
+def test_exports_get_the_permissions_of_the_umask(tmp_path, training_checkpoint, fmt):
+    """Not 0600 (what safetensors' own writer gives): an export is meant to be shared."""
+    previous = os.umask(0o022)
+    try:
+        out = Path(export_weights(training_checkpoint, tmp_path / "b", fmt)["out"])
+    finally:
+        os.umask(previous)
+    for path in [*out.iterdir()] if out.is_dir() else [out]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_hf_export_replaces_an_earlier_export_but_nothing_else(tmp_path, training_checkpoint):
+    export_weights(training_checkpoint, tmp_path / "hf", "hf")
+    export_weights(training_checkpoint, tmp_path / "hf", "hf", which="student")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="exists and is not an hf export"):
+        export_weights(training_checkpoint, tmp_path / "mine", "hf")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    with pytest.raises(CheckpointError, match="no place for the DINO projection head"):
+        export_weights(training_checkpoint, tmp_path / "hf2", "hf", with_head=True)
 
 
 def test_student_export_holds_the_student(tmp_path, training_checkpoint, images):
@@ -96,7 +149,7 @@ def test_safetensors_metadata(tmp_path, training_checkpoint):
         metadata = f.metadata()
     assert metadata["arch"] == "vit_tiny" and metadata["patch_size"] == "4" and metadata["embed_dim"] == "192"
     assert metadata["depth"] == "1" and metadata["img_size"] == "16" and metadata["source_step"] == "7"
-    assert metadata["format_version"] == "1"
+    assert metadata["num_heads"] == "3" and metadata["format_version"] == "1" and metadata["which"] == "teacher"
 
 
 def test_with_head_layouts(tmp_path, training_checkpoint):

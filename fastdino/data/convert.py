@@ -3,18 +3,25 @@
 Layout as torchvision's ImageFolder: class sub-folders (sorted names) give labels
 0..C-1, recursively; a folder of loose images gives label -1. Hidden files and
 folders are ignored. A file list is a text file of `PATH` or `PATH LABEL` lines
-(paths relative to the list's folder; no label is -1). Images are stored as JPEG
-(what the GPU path decodes with nvJPEG) or raw pixels (no decode cost, larger). Each file is read twice: a first pass (threads; PIL decodes
-without the GIL) finds what can't be used and why, so that FFCV's writer, which
-must know the sample count up front and hangs if a worker dies, only ever sees
-images that load.
+(paths relative to the list's folder; no label is -1; a label is a class index,
+0 to 2**31 - 1, checked before anything is written). Images are stored as JPEG
+(what the GPU path decodes with nvJPEG) or raw pixels (no decode cost, larger).
+Each file is read twice: a first pass (threads; PIL decodes without the GIL)
+finds what can't be used and why, so that FFCV's writer, which must know the
+sample count up front, only ever sees images that load. FFCV's writer waits
+forever for a worker process that died; ours (`_WatchedWriter`) stops with an error.
 """
 import contextlib
+import ctypes
 import json
 import logging
 import multiprocessing
 import os
+import queue
+import re
+import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -26,6 +33,7 @@ from fastdino._requires import require_ffcv
 require_ffcv("writing a .beton")
 
 from ffcv.fields import IntField, RGBImageField  # noqa: E402
+from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -37,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_RESOLUTION = 512
 DEFAULT_JPEG_QUALITY = 90
+MAX_LABEL = 2**31 - 1  # int32 class indices: what every consumer (k-NN, linear probe, torch) handles
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit takes "²", which int() refuses
 
 
 def find_images(src):
@@ -55,7 +65,8 @@ def find_images(src):
 
 
 def read_file_list(list_path):
-    """(files as [(path, label)], skipped [{path, reason}]) of a file list; see the module docstring."""
+    """(files as [(path, label)], skipped [{path, reason}]) of a file list; see the module docstring.
+    Raises DataError, naming the line, for a label outside 0..2**31 - 1 that is not -1."""
     files, skipped = [], []
     for number, line in enumerate(list_path.read_text().splitlines(), start=1):
         line = line.strip()
@@ -63,8 +74,13 @@ def read_file_list(list_path):
             continue
         name, label = line, -1
         head, _, tail = line.rpartition(" ")
-        if head and tail.lstrip("-").isdigit():
-            name, label = head.strip(), int(tail)
+        if head and _INTEGER.fullmatch(tail):
+            # int() of thousands of digits raises; anything over 20 digits is out of range anyway
+            name, label = head.strip(), int(tail) if len(tail) <= 20 else None
+            if label is None or not (label == -1 or 0 <= label <= MAX_LABEL):
+                shown = tail if len(tail) <= 24 else f"{tail[:12]}...({len(tail)} digits)"
+                raise DataError(f"{list_path} line {number}: label {shown} is out of range: a label is a class "
+                                f"index from 0 to {MAX_LABEL}, or -1 for none")
         path = list_path.parent / name
         if path.is_file():
             files.append((path, label))
@@ -110,6 +126,65 @@ class _CheckedImages:
         except Exception:
             self.failed[index] = 1
             return np.zeros((1, 1, 3), np.uint8), label
+
+
+class _WatchedWriter(DatasetWriter):
+    """FFCV's DatasetWriter, except that a worker process that dies (an exception, the OOM killer)
+    stops the conversion with a one-line DataError: FFCV's waits until every sample is counted,
+    which a dead worker's never are, and then for the allocations it never sends. `out_path`
+    names the file being made in messages (this one writes a temporary file beside it)."""
+
+    def __init__(self, fname, fields, *, out_path, **options):
+        super().__init__(fname, fields, **options)
+        self.out_path = out_path
+
+    def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+        self.num_samples = num_samples
+        self.prepare()
+        work, allocations = multiprocessing.Queue(), multiprocessing.Queue()
+        for todo in queue_content:
+            work.put(todo)
+        for _ in range(self.num_workers):
+            work.put(None)  # one stop token per worker
+        done = multiprocessing.Value(ctypes.c_uint64, 0)
+        allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+        args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
+                *extra_worker_args)
+        processes = [multiprocessing.Process(target=work_fn, args=args) for _ in range(self.num_workers)]
+        for process in processes:
+            process.start()
+        failed = True
+        try:
+            with tqdm(total=num_samples) as progress:
+                while done.value < num_samples:
+                    self._raise_if_a_worker_died(processes)
+                    progress.update(done.value - progress.n)
+                    time.sleep(0.1)
+                progress.update(done.value - progress.n)
+            table = []
+            for _ in processes:
+                while True:
+                    try:
+                        table.extend(allocations.get(timeout=0.1))
+                        break
+                    except queue.Empty:
+                        self._raise_if_a_worker_died(processes)
+            self.finalize(table)
+            failed = False
+        finally:
+            for process in processes:
+                if failed:  # the others would wait forever for the dead one's pages
+                    process.terminate()
+                process.join()
+            self.metadata_sm.close()
+            self.metadata_sm.unlink()
+
+    def _raise_if_a_worker_died(self, processes):
+        dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+        if dead:
+            how = (f"killed by {signal.Signals(-dead[0]).name}" if dead[0] < 0 else f"exit code {dead[0]}")
+            raise DataError(f"a writer process died ({how}; its error, if any, is above) while writing "
+                            f"{self.out_path}: nothing was written; run the conversion again")
 
 
 def _page_size(max_resolution):
@@ -164,8 +239,8 @@ def convert_folder(src, out_path, *, max_resolution=DEFAULT_MAX_RESOLUTION, jpeg
     try:
         images = _CheckedImages(usable, max_resolution)
         fields = {IMAGE_FIELD: RGBImageField(write_mode=storage, jpeg_quality=jpeg_quality), LABEL_FIELD: IntField()}
-        writer = DatasetWriter(str(tmp), fields, page_size=_page_size(max_resolution),
-                               num_workers=min(num_workers, len(usable)))
+        writer = _WatchedWriter(str(tmp), fields, out_path=out_path, page_size=_page_size(max_resolution),
+                                num_workers=min(num_workers, len(usable)))
         # FFCV's writer always draws its own progress bar (on stderr)
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(sys.stderr if progress else devnull):
             writer.from_indexed_dataset(images, chunksize=max(1, min(100, len(usable) // (4 * num_workers))))

@@ -11,6 +11,7 @@ stored bytes (JPEG, or raw pixels) into a row, and nvJPEG decodes them on the GP
 (gpu_decode.py). Augmentation is a separate stage (multicrop.py, cpu_crops.py).
 """
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
-from ffcv.types import CURRENT_VERSION, HeaderType
+from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 from PIL import Image
 
 from fastdino.data import ffcv_threads  # noqa: F401  (imported for its effect: FFCV leaves torch's threads alone)
@@ -106,7 +107,47 @@ def _open_beton(path, source=None) -> Reader:
     if len(reader.metadata) < reader.num_samples or len(reader.alloc_table) < reader.num_samples:
         raise DataError(f"{name} is truncated (its header counts {reader.num_samples} images, the file holds "
                         f"records of {min(len(reader.metadata), len(reader.alloc_table))}): convert it again")
+    damage = _layout_damage(reader, path.stat().st_size)
+    if damage:
+        raise DataError(f"{name} is damaged: {damage}; convert it again")
     return reader
+
+
+def _layout_damage(reader: Reader, file_size: int) -> str | None:
+    """What is inconsistent in a .beton's layout, or None. FFCV reads whatever the allocation table
+    (the end of the file) and the sample records say, unchecked: a damaged table would feed the
+    decoder bytes of other images or of no image at all. Checks that the table ends the file,
+    that every allocation lies in the data region between the sample records and the table, and
+    that every image's data pointer is an allocation; vectorised, so cheap even for millions of images."""
+    table, table_start = reader.alloc_table, int(reader.header["alloc_table_ptr"])
+    data_start = HeaderType.itemsize + reader.field_descriptors.nbytes + reader.metadata.nbytes
+    tail = file_size - table_start
+    if table_start < data_start or tail % ALLOC_TABLE_TYPE.itemsize:
+        return (f"its allocation table (at byte {table_start}, {tail} bytes up to the end of the file) does not fit "
+                f"the file")
+    ptrs, sizes = table["ptr"], table["size"]
+    # unsigned: a pointer past the table makes table_start - ptrs wrap, but it is caught by the first test
+    outside = (ptrs < data_start) | (ptrs > table_start) | (sizes > np.uint64(table_start) - ptrs)
+    outside |= table["sample_id"] >= reader.num_samples
+    if outside.any():
+        bad = int(np.flatnonzero(outside)[0])
+        return (f"{int(outside.sum())} of its {len(table)} allocation table entries point outside its data "
+                f"(the first, entry {bad}: {int(ptrs[bad])} + {int(sizes[bad])} bytes, data between {data_start} "
+                f"and {table_start})")
+    image = reader.metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]
+    unallocated = ~np.isin(image["data_ptr"], ptrs)
+    if unallocated.any():
+        return f"{int(unallocated.sum())} of its {len(image)} images point at data its allocation table does not hold"
+    if ((image["height"] == 0) | (image["width"] == 0)).any():
+        return "some of its images have a zero height or width"
+    return None
+
+
+def file_identity(path) -> tuple:
+    """(device, inode, size, modification time) of `path`: what changes when the file is replaced
+    (a rename over it, as `data convert` does) or rewritten in place."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _image_format(path) -> str | None:
@@ -208,8 +249,10 @@ class BetonImages:
     """
 
     def __init__(self, path, batch_size, num_workers=2, *, stored_bytes=False, os_cache=True, batches_ahead=3):
+        self.identity = file_identity(path) if Path(path).is_file() else None  # before reading: see _check_unchanged
         reader = _open_beton(path)
         path, fields = Path(path), reader.handlers
+        self.path = path
         metadata = reader.metadata
         image_meta = metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]
         self.heights = image_meta["height"].astype(np.int64)
@@ -239,16 +282,19 @@ class BetonImages:
         With stored_bytes, canvases is instead uint8 [b, max_bytes]: row i holds image i's
         stored bytes and sizes gets two more columns: the byte count, and 1 for a JPEG (0: raw RGB rows).
 
-        The canvases are FFCV's buffers: use them before asking for the next batch.
+        The canvases are FFCV's buffers: use them before asking for the next batch. Raises
+        DataError when the file changed since it was opened (see _check_unchanged).
         """
         order = np.asarray(order, dtype=np.uint64)
         if len(order) == 0:
             return
+        self._check_unchanged()
         decoded = EpochIterator(self.ffcv_loader, order)  # FFCV's prefetching thread, fed our order
         try:
             for start in range(0, len(order), self.batch_size):
                 _wait_for_batch(decoded)
                 (canvases,) = next(decoded)
+                self._check_unchanged()
                 indices = order[start: start + self.batch_size].astype(np.int64)
                 columns = [self.heights[indices], self.widths[indices]]
                 if self.stored_bytes:
@@ -257,6 +303,22 @@ class BetonImages:
                 yield torch.from_numpy(canvases), torch.from_numpy(sizes), torch.from_numpy(self.labels[indices])
         finally:
             decoded.close()
+
+    def _check_unchanged(self):
+        """Raises DataError when the .beton is no longer the file that was opened. FFCV's page
+        reader (os_cache=False) opens the file by name at every epoch, so a file replaced under a
+        run would be read through the old file's index (sizes, labels, data pointers); memory-mapped
+        reading keeps the old file, but a resumed run would read the new one. One stat per batch,
+        after the batch was read: a batch read from a replaced file is never used."""
+        try:
+            now = file_identity(self.path)
+        except OSError:
+            now = None
+        if now != self.identity:
+            what = "deleted" if now is None else "replaced" if now[:2] != self.identity[:2] else "rewritten in place"
+            raise DataError(f"{self.path} was {what} while this run was reading it: its images no longer match the "
+                            f"index read when it was opened; start the run again (--resume auto continues from the "
+                            f"last checkpoint)")
 
 
 def _wait_for_batch(decoded):

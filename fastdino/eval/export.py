@@ -1,9 +1,9 @@
-"""Backbone weights in and out: the official DINO layout, timm's, and safetensors.
+"""Backbone weights in and out: the official DINO layout, timm's, safetensors and Hugging Face's.
 
 Reading: `read_backbone` is the one reader every command uses (`eval knn|linear`, `viz
-attention`, `export`, `fastdino.train.checkpoint.load_backbone`); `read_weights` is its
-tensor half. It accepts, all through `torch.load(weights_only=True)` or safetensors, never
-pickle:
+attention`, `export`, `fastdino.load_backbone`, `fastdino.train.checkpoint.load_backbone`);
+`read_weights` is its tensor half. It accepts, all through `torch.load(weights_only=True)` or
+safetensors, never pickle:
   * fastdino training checkpoints (student/teacher `backbone.*` + `head.*`, config inside),
     as a step file, a DeepSpeed step folder, or a run folder (its newest checkpoint, logged);
   * official backbone-only files such as `dino_deitsmall16_pretrain.pth`;
@@ -11,44 +11,58 @@ pickle:
     carry `module.` (DDP) and `backbone.` (MultiCropWrapper) prefixes, stripped as the
     official `utils.load_pretrained_weights` does (teacher by default);
   * timm-layout files (also wrapped in `{"state_dict": ...}` or `{"model": ...}`) and
-    safetensors files, ours (architecture in the metadata) or anyone's.
+    safetensors files, ours (architecture in the metadata) or anyone's;
+  * Hugging Face ViT folders (`config.json` + `model.safetensors` or `pytorch_model.bin`, as
+    `save_pretrained` and `export --format hf` write them, e.g. facebook/dino-vits16), and their
+    weight files on their own: the Hub's `ViTModel` names (and transformers 5's module names, as
+    in a 5.x `state_dict()`) become fastdino's, query, key and value joined into one qkv; a `vit.`
+    prefix is stripped, `pooler.*` and `classifier.*` are dropped.
+    A `config.json` asking for what fastdino's ViT does not compute (another activation, layer
+    norm epsilon or MLP width, no qkv bias) is refused rather than loaded into a different network.
 What a file does not record (official and timm files say nothing about the model) is read
-off the tensor shapes, which fix a fastdino ViT exactly: the width names the architecture,
-the patch embedding the patch size, the block indices the depth, the position embedding
-the image size. Arguments given to the reader win over both.
+off the tensor shapes, which fix a fastdino ViT exactly: the width names the architecture (and
+so its head count), the patch embedding the patch size, the block indices the depth, the
+position embedding the image size. Arguments given to the reader win over both.
 
-Writing (`export_weights`):
-  * official: a plain `VisionTransformer.state_dict()`; with the head, `{which: {backbone.*,
-    head.*}}` as the teacher entry of the official full checkpoints.
-  * timm: the same tensors under the same names. timm's `VisionTransformer` and DINO's share
-    their backbone naming key for key (cls_token, pos_embed, patch_embed.proj, blocks.N.{norm1,
-    attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm), so the file loads with
-    `timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=True,
-    pretrained_cfg_overlay=dict(file=OUT))`. The differences are elsewhere: timm's `head.*`
-    is a class-logit Linear (1000 ImageNet classes by default; build with num_classes=0 to
-    have none), while DINO's `head.*` is the projection head of the MultiCropWrapper, which
-    has no timm counterpart and is refused here; timm fixes the input size to `img_size`
-    (pos_embed has 1 + (img_size/patch)^2 rows) unless built with `dynamic_img_size=True`,
-    while DINO interpolates the position embedding for any input size; and timm's registered
-    names only cover the official shapes (patch 8/16 at 224), other shapes need timm's
-    `VisionTransformer(img_size=..., patch_size=..., embed_dim=..., depth=..., num_heads=...)`.
-  * safetensors: `safetensors.torch.save_file` of the backbone (with the head: `backbone.*` +
-    `head.*`), metadata arch, patch_size, embed_dim, depth, img_size, format version and the
-    source step, so it loads back without being told the architecture.
-
-Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+Writing (`export_weights`). Each format has its extension, added to an output name that has
+none; an extension of another format is an error (safetensors bytes in a `.pth` file would be
+taken for a pickle). Every file is written to a temporary name and renamed, so a crash never
+leaves half a file, with the permissions the umask gives (safetensors' own writer makes 0600 files).
+  * official (.pth): a plain `VisionTransformer.state_dict()`; with the head, `{which:
+    {backbone.*, head.*}}` as the teacher entry of the official full checkpoints.
+  * timm (.safetensors): timm's `VisionTransformer` kept DINO's backbone names key for key
+    (cls_token, pos_embed, patch_embed.proj, blocks.N.{norm1, attn.qkv, attn.proj, norm2,
+    mlp.fc1, mlp.fc2}, norm), so the tensors are those of `official`. What is timm's is the
+    container and what comes with it: a safetensors file, as timm's own Hub weights, which timm
+    loads by its extension; never the DINO head (timm's `head.*` is a class-logit Linear); and
+    metadata `timm_model` + `timm_model_args` (img_size, patch_size, embed_dim, depth, num_heads,
+    num_classes=0) for `timm.create_model(timm_model, pretrained=True, pretrained_cfg_overlay=
+    dict(file=OUT), **timm_model_args)`, which builds the exact shape (timm's registered names only
+    cover patch 8/16 at 224 with 12 blocks).
+  * safetensors (.safetensors): `safetensors.torch.save` of the backbone (with the head:
+    `backbone.*` + `head.*`).
+  * hf (a folder): `config.json` (every `ViTConfig` field, `layer_norm_eps=1e-6`, `qkv_bias=true`)
+    + `model.safetensors` under the Hub's `ViTModel` names, the ones transformers 4.x uses and
+    5.x still writes and maps on load, for `transformers.ViTModel.from_pretrained(OUT,
+    add_pooling_layer=False)`. DINO has no pooler, so none is written: with the default
+    `add_pooling_layer=True` transformers would initialise one at random.
+Our safetensors files (all but official) carry arch, patch_size, embed_dim, depth, num_heads,
+img_size, which network and the source step in their metadata, so they load back without being
+told the architecture.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from fastdino import models
 from fastdino.config import CHOICES
@@ -56,13 +70,17 @@ from fastdino.models.vit import VisionTransformer
 from fastdino.train.checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_torch_save, resolve_checkpoint,
                                        torch_load_safely)
 
-EXPORT_FORMATS = ("official", "timm", "safetensors")
+EXPORT_FORMATS = ("official", "timm", "safetensors", "hf")
+# The extensions each format's file may have, the first being the one added to a bare name; hf writes a folder.
+FORMAT_SUFFIXES = {"official": (".pth", ".pt"), "timm": (".safetensors",), "safetensors": (".safetensors",), "hf": ()}
+_WEIGHT_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
 SAFETENSORS_FORMAT_VERSION = "1"
 ARCHS = CHOICES["model.arch"]
 # The widths the architecture factories fix (models.vit_tiny, vit_small, vit_base).
 ARCH_BY_WIDTH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
 # What the official factories build when neither the file nor its tensors say (official weights are all 12 x 224).
 OFFICIAL_DEPTH, OFFICIAL_IMG_SIZE = 12, 224
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclass
@@ -74,6 +92,7 @@ class BackboneWeights:
     patch_size: int | None = None
     depth: int | None = None
     img_size: int | None = None
+    num_heads: int | None = None  # when the file records it (ours, Hugging Face's); else the arch's own
     eval_size: int | None = None  # the run's eval.eval_size (fastdino checkpoints only)
     step: int | None = None
     config: object | None = None  # the run's OmegaConf config (fastdino checkpoints only)
@@ -85,13 +104,17 @@ def read_weights(path: str | Path, which: str = "teacher") -> BackboneWeights:
     lists, with what the file says about the model, completed from the tensor shapes.
 
     Raises CheckpointError (one line) for a missing, damaged or foreign file, a folder without
-    a checkpoint, or a file that pickles anything but tensors and plain values.
+    a checkpoint, a Hugging Face config fastdino's ViT cannot compute, or a file that pickles
+    anything but tensors and plain values.
     """
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    path = resolve_checkpoint(path)
-    weights = _read_safetensors(path) if _is_safetensors(path) else _read_torch_file(path, which)
-    weights.source = path
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():  # run folders hold config.yaml, never config.json
+        weights = _read_hf_folder(path, which)
+    else:
+        path = resolve_checkpoint(path)
+        weights = _read_weight_file(path, which)
     _complete_from_shapes(weights)
     return weights
 
@@ -104,6 +127,12 @@ def read_backbone(path: str | Path, which: str = "teacher", arch: str | None = N
     as `read_weights` and `build_backbone_for` do."""
     weights = read_weights(path, which)
     return build_backbone_for(weights, path, arch, patch_size, depth, img_size), weights
+
+
+def _read_weight_file(path: Path, which: str) -> BackboneWeights:
+    weights = _read_safetensors(path) if _is_safetensors(path) else _read_torch_file(path, which)
+    weights.source = path
+    return weights
 
 
 def _read_torch_file(path: Path, which: str) -> BackboneWeights:
@@ -156,8 +185,9 @@ def build_backbone_for(weights: BackboneWeights, source: str | Path, arch: str |
     """A VisionTransformer holding `weights`, in eval mode.
 
     Arguments given here win over what the file says; depth and img_size default to the
-    official 12 and 224 where neither says. Raises CheckpointError naming the first missing,
-    unexpected and wrongly shaped keys when the weights do not fit.
+    official 12 and 224 where neither says, the head count to the architecture's. Raises
+    CheckpointError naming the first missing, unexpected and wrongly shaped keys when the
+    weights do not fit.
     """
     arch, patch_size = arch or weights.arch, patch_size or weights.patch_size
     depth, img_size = depth or weights.depth or OFFICIAL_DEPTH, img_size or weights.img_size or OFFICIAL_IMG_SIZE
@@ -167,7 +197,11 @@ def build_backbone_for(weights: BackboneWeights, source: str | Path, arch: str |
                               f"architecture (--arch {'|'.join(ARCHS)} --patch-size 8|16)")
     if arch not in ARCHS:
         raise CheckpointError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
-    model = getattr(models, arch)(patch_size=patch_size, img_size=[img_size], depth=depth)
+    heads = {"num_heads": weights.num_heads} if weights.num_heads else {}
+    model = getattr(models, arch)(patch_size=patch_size, img_size=[img_size], depth=depth, **heads)
+    if model.embed_dim % model.num_heads:
+        raise CheckpointError(f"{source} asks for {model.num_heads} attention heads, which do not divide "
+                              f"{arch}'s width {model.embed_dim}")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights.backbone))
     unexpected = sorted(set(weights.backbone) - set(expected))
@@ -190,46 +224,85 @@ def load_pretrained_backbone(path: str | Path, arch: str | None = None, patch_si
     return read_backbone(path, which, arch, patch_size, depth, img_size)[0]
 
 
+def output_path(out: str | Path, fmt: str) -> Path:
+    """Where `export_weights` writes `fmt`: `out`, with the format's extension added when its
+    name has none (hf: a folder, as named). Raises CheckpointError when `out` has the extension
+    of another kind of weights file."""
+    out = Path(out)
+    suffix, allowed = out.suffix.lower(), FORMAT_SUFFIXES[fmt]
+    if suffix in _WEIGHT_SUFFIXES and suffix not in allowed:
+        kind = "a folder (config.json + model.safetensors)" if fmt == "hf" else f"a {allowed[0]} file"
+        fixed = out.with_suffix(allowed[0] if allowed else "")
+        raise CheckpointError(f"output {out}: --format {fmt} writes {kind}, not a {suffix} file; name it {fixed}")
+    return out.with_name(out.name + allowed[0]) if allowed and not suffix else out
+
+
 def export_weights(path: str | Path, out: str | Path, fmt: str, which: str = "teacher", with_head: bool = False,
                    arch: str | None = None, patch_size: int | None = None) -> dict:
-    """Writes `which`'s backbone of `path` (anything `read_backbone` reads) to `out` in format `fmt`;
-    returns a summary of what it wrote and the file it read (`source`). Raises CheckpointError."""
+    """Writes `which`'s backbone of `path` (anything `read_backbone` reads) in format `fmt` to
+    `output_path(out, fmt)`; returns a summary of what it wrote (`out`: the path written) and
+    the file it read (`source`). Raises CheckpointError (a file that cannot be read, a head asked
+    for where the format has no place for it, an output name of another format, an hf folder
+    that would overwrite something else)."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
-    if with_head and fmt == "timm":
-        raise CheckpointError("timm has no place for the DINO projection head: export timm without --with-head")
+    if with_head and fmt in ("timm", "hf"):
+        raise CheckpointError(f"{fmt} has no place for the DINO projection head: export {fmt} without --with-head")
+    out = output_path(out, fmt)
     # Building the model checks that the tensors fit the architecture written into the metadata.
     backbone, weights = read_backbone(path, which, arch, patch_size)
     if with_head and not weights.head:
         raise CheckpointError(f"{path} has no DINO head to export (it holds a backbone only)")
+    arch = arch or weights.arch
     state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     head = {k: v.contiguous() for k, v in weights.head.items()} if with_head else {}
-    if fmt == "official" and with_head:
-        atomic_torch_save({which: {**_prefixed(state, "backbone."), **_prefixed(head, "head.")}}, out)
-    elif fmt in ("official", "timm"):
-        atomic_torch_save(state, out)
+    metadata = _architecture_metadata(backbone, arch, which, weights.step, fmt)
+    if fmt == "official":
+        wrapped = {which: {**_prefixed(state, "backbone."), **_prefixed(head, "head.")}}
+        atomic_torch_save(wrapped if head else state, out)
+    elif fmt == "safetensors":
+        tensors = {**_prefixed(state, "backbone."), **_prefixed(head, "head.")} if head else state
+        _atomic_write(out, safetensors_bytes(tensors, {"format": "fastdino-backbone", **metadata}))
+    elif fmt == "timm":
+        timm_args = {"img_size": backbone.patch_embed.img_size, "patch_size": backbone.patch_embed.patch_size,
+                     "embed_dim": backbone.embed_dim, "depth": len(backbone.blocks), "num_heads": backbone.num_heads,
+                     "num_classes": 0}
+        # "pt" as timm's (and transformers') own safetensors files say; the registered name is one per
+        # width, its arguments override every shape.
+        _atomic_write(out, safetensors_bytes(state, {"format": "pt", **metadata, "timm_model": f"{arch}_patch16_224",
+                                                     "timm_model_args": json.dumps(timm_args)}))
     else:
-        tensors = {**_prefixed(state, "backbone."), **_prefixed(head, "head.")} if with_head else state
-        metadata = {"format": "fastdino-backbone", "format_version": SAFETENSORS_FORMAT_VERSION,
-                    "arch": arch or weights.arch, "patch_size": str(backbone.patch_embed.patch_size),
-                    "embed_dim": str(backbone.embed_dim), "depth": str(len(backbone.blocks)),
-                    "img_size": str(backbone.patch_embed.img_size), "which": which}
-        if weights.step is not None:
-            metadata["source_step"] = str(weights.step)
-        _atomic_save_safetensors(tensors, metadata, Path(out))
-    return {"out": str(out), "format": fmt, "which": which, "arch": arch or weights.arch,
+        config = json.dumps(_hf_config(backbone), indent=2, sort_keys=True) + "\n"
+        _atomic_write_hf_folder(out, {"config.json": config.encode(),
+                                      "model.safetensors": safetensors_bytes(_to_hf_names(state),
+                                                                             {"format": "pt", **metadata})})
+    return {"out": str(out), "format": fmt, "which": which, "arch": arch,
             "patch_size": backbone.patch_embed.patch_size, "tensors": len(state) + len(head),
             "with_head": bool(head), "source_step": weights.step, "source": str(weights.source)}
 
 
+def _architecture_metadata(backbone: VisionTransformer, arch: str, which: str, step: int | None, fmt: str) -> dict:
+    """What our safetensors files say about their model (safetensors metadata values are strings)."""
+    metadata = {"format_version": SAFETENSORS_FORMAT_VERSION, "fastdino_layout": fmt, "arch": arch,
+                "patch_size": str(backbone.patch_embed.patch_size), "embed_dim": str(backbone.embed_dim),
+                "depth": str(len(backbone.blocks)), "num_heads": str(backbone.num_heads),
+                "img_size": str(backbone.patch_embed.img_size), "which": which}
+    if step is not None:
+        metadata["source_step"] = str(step)
+    return metadata
+
+
 def _split_backbone_and_head(state: dict, path: Path) -> BackboneWeights:
     """Strips `module.` and `backbone.` prefixes; `head.*` is the DINO head when the keys came
-    wrapped in `backbone.` (a MultiCropWrapper), otherwise a classifier (timm), dropped."""
+    wrapped in `backbone.` (a MultiCropWrapper), otherwise a classifier (timm), dropped. Hugging
+    Face names become fastdino's."""
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     if not state:
         raise CheckpointError(f"{path} holds no tensors")
     state = {_current_key(k.removeprefix("module.")): v for k, v in state.items()}
+    if any(k.removeprefix("vit.") == _HF_PATCH_KEY for k in state):
+        return BackboneWeights(backbone=_from_hf_names(state))
     wrapped = any(k.startswith("backbone.") for k in state)
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
     head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")} if wrapped else {}
@@ -248,6 +321,131 @@ def _current_key(key: str) -> str:
     return key
 
 
+# ---------------------------------------------------------------- Hugging Face ViT
+
+# fastdino (= official DINO = timm) names -> the Hub's ViTModel names. transformers 5 renamed the modules
+# (layers.N.attention.q_proj, ...) yet writes and reads these, which 4.x needs.
+_HF_NAMES = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+             "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+             "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+             "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+_HF_BLOCK_NAMES = {"norm1": "layernorm_before", "attn.proj": "attention.output.dense", "norm2": "layernorm_after",
+                   "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+# fastdino's qkv Linear [3 * width, width] is HF's query, key and value Linears stacked in this order.
+_HF_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+_HF_PATCH_KEY = _HF_NAMES["patch_embed.proj.weight"]
+_HF_LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
+# transformers 5 module names (what a 5.x `model.state_dict()` holds) -> the Hub's names above.
+_HF5_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)$")
+_HF5_NAMES = {"attention.q_proj": _HF_QKV[0], "attention.k_proj": _HF_QKV[1], "attention.v_proj": _HF_QKV[2],
+              "attention.o_proj": "attention.output.dense", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+_FROM_HF_NAMES = {hf: ours for ours, hf in _HF_NAMES.items()}
+_FROM_HF_BLOCK_NAMES = {hf: ours for ours, hf in _HF_BLOCK_NAMES.items()}
+# ViTConfig's defaults (transformers' configuration_vit.py), for fields a config.json leaves out.
+_HF_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+                "hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": 224, "patch_size": 16,
+                "num_channels": 3, "qkv_bias": True}
+
+
+def _to_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    hf = {}
+    for key, tensor in state.items():
+        match = _BLOCK_KEY.match(key)
+        if match is None:
+            hf[_HF_NAMES[key]] = tensor
+            continue
+        module, param = key[match.end():].rsplit(".", 1)
+        layer = f"encoder.layer.{match.group(1)}."
+        if module == "attn.qkv":
+            for name, part in zip(_HF_QKV, tensor.chunk(3)):
+                hf[f"{layer}{name}.{param}"] = part.contiguous()
+        else:
+            hf[f"{layer}{_HF_BLOCK_NAMES[module]}.{param}"] = tensor
+    return hf
+
+
+def _from_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hub ViTModel names -> fastdino's. Names it does not know are kept as they are, so that the
+    build reports them as unexpected keys."""
+    state = {_hub_name(k.removeprefix("vit.")): v for k, v in state.items()}
+    ours, qkv = {}, {}
+    for key, tensor in state.items():
+        if key.startswith(("pooler.", "classifier.")):  # not part of DINO's backbone
+            continue
+        match = _HF_LAYER_KEY.match(key)
+        if key in _FROM_HF_NAMES:
+            ours[_FROM_HF_NAMES[key]] = tensor
+        elif match and match.group(2) in _FROM_HF_BLOCK_NAMES:
+            ours[f"blocks.{match.group(1)}.{_FROM_HF_BLOCK_NAMES[match.group(2)]}.{match.group(3)}"] = tensor
+        elif match and match.group(2) in _HF_QKV:
+            qkv.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = tensor
+        else:
+            ours[key] = tensor
+    for (layer, param), parts in qkv.items():
+        if len(parts) == len(_HF_QKV):
+            ours[f"blocks.{layer}.attn.qkv.{param}"] = torch.cat([parts[name] for name in _HF_QKV])
+        else:
+            ours.update({f"encoder.layer.{layer}.{name}.{param}": t for name, t in parts.items()})
+    return ours
+
+
+def _hub_name(key: str) -> str:
+    match = _HF5_LAYER_KEY.match(key)
+    if match is None:
+        return key
+    layer, module, param = match.groups()
+    return f"encoder.layer.{layer}.{_HF5_NAMES.get(module, module)}.{param}"
+
+
+def _hf_config(backbone: VisionTransformer) -> dict:
+    """Every field `ViTConfig.save_pretrained` writes (but transformers_version), for this backbone."""
+    width, patch = backbone.embed_dim, backbone.patch_embed.patch_size
+    return {"architectures": ["ViTModel"], "model_type": "vit", "hidden_size": width,
+            "num_hidden_layers": len(backbone.blocks), "num_attention_heads": backbone.num_heads,
+            "intermediate_size": backbone.blocks[0].mlp.fc1.out_features, "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+            "layer_norm_eps": backbone.norm.eps, "image_size": backbone.patch_embed.img_size, "patch_size": patch,
+            "num_channels": backbone.patch_embed.proj.in_channels,
+            "qkv_bias": backbone.blocks[0].attn.qkv.bias is not None, "encoder_stride": patch,
+            "pooler_output_size": width, "pooler_act": "tanh", "dtype": "float32"}
+
+
+def _read_hf_folder(folder: Path, which: str) -> BackboneWeights:
+    try:
+        config = {**_HF_DEFAULTS, **json.loads((folder / "config.json").read_text())}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {_first_line(exc)}") from None
+    if config.get("model_type") != "vit":
+        raise CheckpointError(f"{folder} holds a Hugging Face {config.get('model_type')!r} model; fastdino reads "
+                              f"ViT folders (model_type 'vit')")
+    width = config["hidden_size"]
+    computes = {"hidden_act": "gelu", "qkv_bias": True, "layer_norm_eps": 1e-6, "num_channels": 3,
+                "intermediate_size": 4 * width}
+    for key, value in computes.items():
+        close = isinstance(value, float) and isinstance(config[key], (int, float)) and math.isclose(config[key], value)
+        if config[key] != value and not close:
+            raise CheckpointError(f"{folder}/config.json: {key} is {config[key]!r}, and fastdino's ViT computes "
+                                  f"with {value!r}")
+    found = [folder / name for name in HF_WEIGHT_FILES if (folder / name).is_file()]
+    if not found:
+        raise CheckpointError(f"{folder} has a config.json but none of {', '.join(HF_WEIGHT_FILES)}")
+    weights = _read_weight_file(found[0], which)
+    image_size, patch_size = (_square(config[key], folder, key) for key in ("image_size", "patch_size"))
+    weights.arch, weights.patch_size, weights.img_size = ARCH_BY_WIDTH.get(width), patch_size, image_size
+    weights.depth, weights.num_heads = config["num_hidden_layers"], config["num_attention_heads"]
+    return weights
+
+
+def _square(value, folder: Path, key: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"{folder}/config.json: {key} is {value}; fastdino's ViT is square")
+        value = value[0]
+    return int(value)
+
+
+# ---------------------------------------------------------------- files
+
 def _is_safetensors(path: Path) -> bool:
     # A safetensors file starts with an 8-byte header length, then the JSON header's "{".
     with open(path, "rb") as f:
@@ -263,24 +461,52 @@ def _read_safetensors(path: Path) -> BackboneWeights:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}: corrupted safetensors file ({_first_line(exc)})") from None
     weights = _split_backbone_and_head(state, path)
-    if metadata.get("format") == "fastdino-backbone":
+    # Ours: the safetensors format says so in `format` (as since its first version), the others in fastdino_layout.
+    if metadata.get("format") == "fastdino-backbone" or "fastdino_layout" in metadata:
         weights.arch = metadata["arch"]
         weights.patch_size, weights.depth = int(metadata["patch_size"]), int(metadata["depth"])
         weights.img_size = int(metadata["img_size"])
+        weights.num_heads = int(metadata["num_heads"]) if "num_heads" in metadata else None
         weights.step = int(metadata["source_step"]) if "source_step" in metadata else None
     return weights
 
 
-def _atomic_save_safetensors(tensors: dict, metadata: dict, path: Path) -> None:
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _write_synced(tmp, data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_hf_folder(folder: Path, files: dict[str, bytes]) -> None:
+    """Writes `files` into a temporary folder, then renames it to `folder`, replacing an earlier
+    export there; any other existing file or folder is left alone (CheckpointError)."""
+    if folder.is_file() or (folder.is_dir() and not {p.name for p in folder.iterdir()} <= set(files)):
+        raise CheckpointError(f"output {folder} exists and is not an hf export: give a new folder name")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    trash = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, data in files.items():
+            _write_synced(tmp / name, data)
+        if folder.exists():
+            os.replace(folder, trash)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _prefixed(state: dict, prefix: str) -> dict:

@@ -8,7 +8,10 @@ build_student_teacher(cfg.model) -> (move to device) -> apply_parallelism():
      otherwise: a DeepSpeed engine (ZeRO stage 0, 1 or 2 from parallel.zero_stage)
      around the student and that optimizer;
   3. under ZeRO 1/2: tell the optimizer where each parameter lies in this rank's
-     flat gradient partition (for per-parameter clipping).
+     flat gradient partition (for per-parameter clipping);
+  4. DeepSpeed reads and writes its checkpoint files through `SafeCheckpointEngine`:
+     its own engine unpickles them with `weights_only=False`, which runs any code a
+     planted file holds.
 
 Numerics are the same on every path: the module keeps fp32 weights (on CUDA the
 forward runs under bf16 autocast, as on one GPU), DeepSpeed runs its fp32
@@ -18,7 +21,9 @@ reads them. The teacher is never wrapped: every rank holds the same copy.
 """
 from __future__ import annotations
 
+import importlib
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,6 +32,7 @@ from fastdino._requires import require_deepspeed
 from fastdino.parallel.distributed import DistEnv, use_cpu_accelerator_for_deepspeed
 from fastdino.parallel.optim import DINOAdamW, PartitionFragments
 from fastdino.ssl import param_groups
+from fastdino.train import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +108,40 @@ def deepspeed_config(zero_stage: int, micro_batch: int, world_size: int, bucket_
     return config
 
 
+def safe_checkpoint_engine():
+    """A DeepSpeed checkpoint engine that never runs pickled code (see `SafeCheckpointEngine`)."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    allowed = [getattr(importlib.import_module(module), name)
+               for module, _, name in (qualified.rpartition(".") for qualified in ckpt.DEEPSPEED_GLOBALS)]
+
+    class SafeCheckpointEngine(CheckpointEngine):
+        """DeepSpeed's plain torch.save / torch.load engine, except that it loads with
+        `weights_only=True`, allowing only the DeepSpeed classes its ZeRO files hold (a file
+        pickling any other is a one-line CheckpointError naming the class), refuses non-finite
+        tensors, and reports a full disk as one line (fastdino.train.checkpoint does all three)."""
+
+        def __init__(self):
+            super().__init__()
+            self.name = "fastdino.SafeCheckpointEngine"
+
+        def create(self, info):
+            pass
+
+        def save(self, state_dict, path: str):
+            ckpt.write_torch_file(state_dict, Path(path))
+
+        def load(self, path: str, map_location=None):
+            state = ckpt.torch_load_safely(Path(path), map_location, allowed=allowed, checkpoint=True)
+            ckpt.check_finite(state, path)
+            return state
+
+        def commit(self, info):
+            return True
+
+    return SafeCheckpointEngine()
+
+
 def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
@@ -126,6 +166,7 @@ def apply_parallelism(student: nn.Module, teacher: nn.Module, cfg, env: DistEnv)
     ds_config = deepspeed_config(stage, cfg.data.batch_size, env.world_size, cfg.parallel.bucket_elements)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
+    engine.checkpoint_engine = safe_checkpoint_engine()
     if stage > 0:
         zero = engine.optimizer
         for i, params in enumerate(zero.bit16_groups):

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from fastdino import metrics
 from fastdino._requires import require_ffcv
-from fastdino.config import save_config
+from fastdino.config import check_resume_fits
 from fastdino.data.synthetic import SYNTHETIC, SyntheticMultiCrop
 from fastdino.eval.knn import extract_features, knn_classify
 from fastdino.parallel import apply_parallelism, barrier, init_distributed, memory_bytes, uses_deepspeed
 from fastdino.runinfo import run_metadata, setup_logging
 from fastdino.ssl import DINOLoss, build_student_teacher, ema_update_
 from fastdino.train import checkpoint as ckpt
+from fastdino.train import run_folder
 from fastdino.train.monitor import collapse_stats, collapse_warnings
 from fastdino.train.schedules import build_schedules
 
@@ -100,7 +101,10 @@ def check_data_paths(cfg) -> None:
     if ev.knn_train_path and ev.knn_val_path:
         paths += [("eval.knn_train_path", ev.knn_train_path, True), ("eval.knn_val_path", ev.knn_val_path, True)]
     for key, path, need_labels in paths:
-        require_ffcv(f"{key}={path}")
+        if not Path(path).exists():  # said before the missing FFCV, which would not help
+            raise FileNotFoundError(f"{key}={path}: no such .beton file (make one with "
+                                    f"`fastdino data convert IMAGE_FOLDER OUT.beton`)")
+        require_ffcv(f"{key}={path}", ", or train on data.path=synthetic" if key == "data.path" else "")
         from fastdino.data.decode import check_beton
 
         check_beton(path, source=key, need_labels=need_labels)
@@ -126,31 +130,65 @@ def autocast_context(device: torch.device, precision: str):
 
 
 class Trainer:
-    def __init__(self, cfg, resume: str | None = None):
+    """One launch of a run into cfg.output_dir (see fastdino.train.run_folder for the folder's rules).
+
+    `resume`: a checkpoint (a step file or a DeepSpeed step folder) or "auto" (the newest one in
+    output_dir/checkpoints; none: start from scratch with a warning, as a requeued job does).
+    `overwrite`: a fresh run may replace the run already in output_dir; its checkpoints and
+    log.jsonl are deleted once this launch is set up. Nothing in output_dir but train.log and the
+    lock is written until the launch is set up and its resume is known to fit. Rank 0 holds the
+    folder's lock until train() ends (or close()).
+    """
+
+    def __init__(self, cfg, resume: str | None = None, overwrite: bool = False):
         self.cfg = cfg
         check_data_paths(cfg)  # a wrong path is one line, before anything is started or logged
         self.output_dir = Path(cfg.output_dir)
-        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.checkpoint_dir = self.output_dir / run_folder.CHECKPOINT_DIR
         env_device = resolve_device(cfg.device)
         self.dist = init_distributed(env_device, cfg.parallel.timeout_s,
                                      need_group=uses_deepspeed(cfg.parallel.zero_stage, 1))
         self.is_main = self.dist.is_main
         self.device = resolve_device(cfg.device, self.dist.local_rank)
+        self._lock = None
+        try:
+            self._set_up(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Releases the run folder to the next run (train() does it when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _set_up(self, resume: str | None, overwrite: bool) -> None:
+        cfg = self.cfg
+        # A checkpoint from another folder starts this folder's record afresh, as a run without --resume does.
+        fresh = resume is None or (resume != "auto" and not run_folder.in_run_folder(Path(resume), self.output_dir))
+        if overwrite and not fresh:
+            raise run_folder.RunFolderError(f"--overwrite replaces the run in {self.output_dir}, so it cannot "
+                                            f"also resume from that run's checkpoints")
+        self._claim_run_folder(fresh, overwrite)
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             setup_logging(self.output_dir / "train.log")
         else:  # other ranks only report problems, on stderr
             setup_logging(None, level=logging.WARNING)
-        barrier()
         self.meta = run_metadata(self.device)
         self.meta["world_size"] = self.dist.world_size
-        if self.is_main:
-            save_config(cfg, self.output_dir / "config.yaml")
-            (self.output_dir / "run.json").write_text(json.dumps(self.meta, indent=2, allow_nan=False) + "\n")
         logger.info("run %s | git %s | %s | %d rank(s)", self.output_dir, self.meta["git_revision"],
                     self.meta["device"], self.dist.world_size)
         logger.info("versions %s", json.dumps(self.meta["versions"]))
         logger.info("config\n%s", OmegaConf.to_yaml(cfg).rstrip())
+        # --resume auto takes the newest intact checkpoint, skipping damaged ones with a warning
+        resume_path, state = (ckpt.load_resume_checkpoint(self.checkpoint_dir, resume, map_location=self.device)
+                              if resume else (None, None))
+        if resume == "auto" and resume_path is None and self.is_main:
+            # kept a warning, not an error: a requeued job (SLURM) starts this way the first time
+            logger.warning("--resume auto: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
+        if state is not None:
+            self._check_checkpoint_fits(resume_path, state)
 
         torch.manual_seed(cfg.seed)
         self.loader = self._build_loader()
@@ -189,10 +227,11 @@ class Trainer:
         self.peak_flops = metrics.peak_flops(self.device.type)
         self.start_step = 0
         self.knn_history: list[dict] = []
-        if resume:
-            self._resume(resume)
+        if state is not None:
+            self._load_state(resume_path, state)
         self._stop_signal = 0  # the signal that asked to stop, 0 while none did
         self._first_nonfinite = torch.tensor(NO_STEP, device=self.device)
+        self._commit(fresh, overwrite, resume_path)
 
     def _build_loader(self):
         """The multi-crop loader of data.path: a .beton (FFCV), or random crops for data.path=synthetic."""
@@ -203,7 +242,8 @@ class Trainer:
                       device=str(self.device), seed=self.cfg.seed, rank=self.dist.rank,
                       world_size=self.dist.world_size, dtype=dtype)
         if data.path == SYNTHETIC:
-            logger.info("data.path=synthetic: random crops made on %s, no files read", self.device)
+            logger.info("data.path=synthetic: random crops made on %s, no files read (data.decode, data.crops "
+                        "and the augmentations do not apply)", self.device)
             return SyntheticMultiCrop(data.batch_size, **common)
         from fastdino.data.loader import multicrop_loader
 
@@ -211,16 +251,72 @@ class Trainer:
                                 decode=data.decode, crops=data.crops, order=data.order, os_cache=data.os_cache,
                                 batches_ahead=data.batches_ahead, **common)
 
+    # ---- the run folder ----------------------------------------------------------------------------
+    def _claim_run_folder(self, fresh: bool, overwrite: bool) -> None:
+        """Rank 0 creates and locks the folder, refuses a fresh run into another run's folder, and
+        reads the log a resume will rewrite; its verdict stops every rank (one broadcast)."""
+        error = None
+        self._old_log: list[dict] = []
+        if self.is_main:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                self._lock = run_folder.RunLock.acquire(self.output_dir)
+                log_path = self.output_dir / run_folder.LOG_FILE
+                if fresh and not overwrite:
+                    run_folder.check_fresh(self.output_dir)
+                elif not fresh and log_path.exists():
+                    self._old_log = run_folder.read_log(log_path)
+            except (run_folder.RunFolderError, OSError) as exc:
+                error = str(exc) or type(exc).__name__
+        if self.dist.world_size > 1:
+            verdict = [error]
+            dist.broadcast_object_list(verdict, src=0)
+            error = verdict[0]
+        if error:
+            raise run_folder.RunFolderError(error)
+
+    def _commit(self, fresh: bool, overwrite: bool, resume_path: Path | None) -> None:
+        """Writes this launch into the folder, now that it is set up and any resume fits: a launch
+        that failed before left the run's config.yaml, run.json and log.jsonl as they were."""
+        if self.is_main:
+            run_folder.remove_leftovers(self.output_dir)
+            ckpt.remove_interrupted_writes(self.checkpoint_dir)
+            if overwrite:
+                run_folder.clear_records(self.output_dir)
+            if not fresh:
+                self._truncate_log()
+            run_folder.atomic_write_text(self.output_dir / run_folder.CONFIG_FILE, OmegaConf.to_yaml(self.cfg))
+            launch = {**self.meta, "start_step": self.start_step,
+                      "resumed_from": str(resume_path) if resume_path else None}
+            run_folder.write_launch(self.output_dir, launch, resumed=not fresh)
+        barrier()  # the old records are gone before any rank writes a checkpoint
+
+    def _truncate_log(self) -> None:
+        """Drops the records of the steps this launch runs again (all of them when it starts from
+        scratch): otherwise they would be logged twice. An evaluation at the start step stays when
+        the checkpoint holds it (it is not run again)."""
+        evaluated = {record["step"] for record in self.knn_history}
+        start = self.start_step
+
+        def keep(record: dict) -> bool:
+            return record["step"] < start or (record.get("kind") == "eval" and record["step"] == start
+                                              and start in evaluated)
+
+        kept = [record for record in self._old_log if keep(record)]
+        log_path = self.output_dir / run_folder.LOG_FILE
+        if log_path.exists():  # rewritten even when every record stays: a damaged last line goes
+            run_folder.write_log(log_path, kept)
+        if len(kept) < len(self._old_log):
+            logger.info("log.jsonl: dropped %d record(s) of steps from %d on, which run again",
+                        len(self._old_log) - len(kept), start)
+
     # ---- checkpoints -------------------------------------------------------------------------------
-    def _resume(self, resume: str) -> None:
-        path = ckpt.latest_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
-        if path is None:  # kept a warning, not an error: a requeued job (SLURM) starts this way the first time
-            if self.is_main:
-                logger.warning("--resume auto: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
-            return
-        state = ckpt.load_checkpoint(path, map_location=self.device)
+    def _check_checkpoint_fits(self, path: Path, state: dict) -> None:
+        """Raises CheckpointError unless the checkpoint to resume from fits this launch (same kind of
+        launch, world size and ZeRO stage; config keys that cannot change mid-run unchanged), before
+        the model is built."""
         sharded = path.is_dir()
-        if sharded != self.runner.uses_deepspeed:
+        if sharded != uses_deepspeed(self.cfg.parallel.zero_stage, self.dist.world_size):
             written = "a DeepSpeed run (a step folder)" if sharded else "a one-process run (a step file)"
             raise ckpt.CheckpointError(f"checkpoint {path} was written by {written}; resume it with the same "
                                        f"launch, world size and parallel.zero_stage")
@@ -230,10 +326,18 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {path} was written with world size {layout['world_size']} and "
                                        f"ZeRO stage {layout['zero_stage']}; this run has {here['world_size']} and "
                                        f"{here['zero_stage']}: resume with the same")
+        if "config" in state:
+            check_resume_fits(OmegaConf.create(state["config"]), self.cfg, f"checkpoint {path}")
+
+    def _load_state(self, path: Path, state: dict) -> None:
+        trained = state.get("steps_per_epoch", self.steps_per_epoch)
+        if trained != self.steps_per_epoch:  # the schedules are laid out over epochs of this many steps
+            raise ckpt.CheckpointError(f"checkpoint {path} was trained on epochs of {trained} steps; data.path="
+                                       f"{self.cfg.data.path} makes {self.steps_per_epoch}: resume on the same data")
         try:
             self.teacher.load_state_dict(state["teacher"])
             self.dino_loss.load_state_dict(state["dino_loss"])
-            if sharded:
+            if path.is_dir():
                 loaded, _ = self.runner.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                                load_optimizer_states=True,
                                                                load_lr_scheduler_states=False)
@@ -244,25 +348,17 @@ class Trainer:
                 self.student.load_state_dict(state["student"])
                 self.optimizer.load_state_dict(state["optimizer"])
                 rng = state["rng"]
+        except ckpt.CheckpointError:  # the safe DeepSpeed engine's refusals say what is wrong already
+            raise
         except (RuntimeError, KeyError, ValueError, AssertionError) as exc:
-            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this config: {str(exc).splitlines()[0]}") from None
+            # torch's messages put the mismatch on the lines after "...for VisionTransformer:"
+            reason = " ".join(str(exc).split())
+            reason = reason if len(reason) <= 600 else reason[:600] + "..."
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run: {reason}") from None
         ckpt.set_rng_state(rng)
         self.start_step = int(state["step"])
         self.knn_history = list(state.get("knn_history", []))
-        if self.is_main:
-            self._truncate_log(self.start_step)
         logger.info("resumed from %s at step %d", path, self.start_step)
-
-    def _truncate_log(self, step: int) -> None:
-        """Drops records of steps after the checkpoint: they will be run (and logged) again."""
-        log_path = self.output_dir / "log.jsonl"
-        if not log_path.exists():
-            return
-        def keep(record: dict) -> bool:
-            return record["step"] < step or (record.get("kind") == "eval" and record["step"] <= step)
-
-        kept = [line for line in log_path.read_text().splitlines() if line and keep(json.loads(line))]
-        log_path.write_text("".join(line + "\n" for line in kept))
 
     def save(self, step: int) -> Path:
         """Collective under DeepSpeed: every rank calls it at the same step."""
@@ -272,6 +368,7 @@ class Trainer:
             "dino_loss": self.dino_loss.state_dict(),
             "config": OmegaConf.to_yaml(self.cfg),
             "knn_history": self.knn_history,
+            "steps_per_epoch": self.steps_per_epoch,
         }
         if self.runner.uses_deepspeed:
             payload["parallel"] = {"world_size": self.dist.world_size, "zero_stage": self.cfg.parallel.zero_stage}
@@ -332,13 +429,20 @@ class Trainer:
         self._stop_signal = signum
 
     def train(self) -> dict:
+        """Runs the steps from start_step to the end; releases the run folder when it ends, however it ends."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict:
         cfg = self.cfg
         log_path = self.output_dir / "log.jsonl"
         logger.info("training steps %d..%d of %d (%d per epoch), %s, %.1f GFLOP per image",
                     self.start_step, self.total_steps, self.schedules.total_steps, self.steps_per_epoch,
                     self.device, self.flops_per_image / 1e9)
-        if self.knn_enabled() and not self.knn_history:
-            self._run_knn(log_path, step=0, epoch=0)
+        if self.knn_enabled() and not self.knn_history:  # the teacher as it starts (a resume may turn k-NN on)
+            self._run_knn(log_path, step=self.start_step, epoch=self.start_step // self.steps_per_epoch)
         previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         progress = tqdm(total=self.total_steps, initial=self.start_step, disable=not (cfg.progress and self.is_main),
                         dynamic_ncols=True, desc="train")
