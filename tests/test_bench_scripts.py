@@ -6,35 +6,13 @@ import os
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from test_optional_packages import run_without_ffcv_and_deepspeed
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-
-# `python -m fastdino ARGS` where `import ffcv` and `import deepspeed` fail, as where they are not installed.
-WITHOUT_FFCV_AND_DEEPSPEED = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class Refuse(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in ("ffcv", "deepspeed"):
-                raise ModuleNotFoundError(f"No module named {name!r}")
-            return None
-
-    sys.meta_path.insert(0, Refuse())
-    from fastdino.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
-def fastdino_without_ffcv_and_deepspeed(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", WITHOUT_FFCV_AND_DEEPSPEED, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
 
 SMALL_LOADER = ["--images", "4", "--workers", "1", "--batch-size", "2", "--local-crops", "1", "--global-size", "32",
                 "--local-size", "16"]
@@ -42,7 +20,7 @@ SMALL_LOADER = ["--images", "4", "--workers", "1", "--batch-size", "2", "--local
 
 @pytest.mark.parametrize("only", [["--only", "pil"], []])
 def test_the_pil_loader_runs_without_ffcv(only):
-    result = fastdino_without_ffcv_and_deepspeed("bench", "loader", *SMALL_LOADER, *only)
+    result = run_without_ffcv_and_deepspeed("bench", "loader", *SMALL_LOADER, *only)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "pil (official DataAugmentationDINO recipe" in result.stdout
     if not only:  # the FFCV pipelines say why they did not run, and how to get them
@@ -51,7 +29,7 @@ def test_the_pil_loader_runs_without_ffcv(only):
 
 
 def test_an_ffcv_loader_pipeline_without_ffcv_is_one_line():
-    result = fastdino_without_ffcv_and_deepspeed("bench", "loader", *SMALL_LOADER, "--only", "fastdino")
+    result = run_without_ffcv_and_deepspeed("bench", "loader", *SMALL_LOADER, "--only", "fastdino")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench loader --only fastdino needs ffcv"), result.stderr[-2000:]
@@ -59,7 +37,7 @@ def test_an_ffcv_loader_pipeline_without_ffcv_is_one_line():
 
 
 def test_bench_memory_measure_without_deepspeed_says_so_first():
-    result = fastdino_without_ffcv_and_deepspeed("bench", "memory", "--measure", "--arch", "vit_tiny")
+    result = run_without_ffcv_and_deepspeed("bench", "memory", "--measure", "--arch", "vit_tiny")
     assert result.returncode == 1 and result.stdout == ""  # before the analytic table
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench memory --measure needs deepspeed"), result.stderr[-2000:]

@@ -29,29 +29,26 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def vit_small(tmp_path_factory):
     """(fastdino ViT-S/16 with perturbed weights, its official .pth file, its hf export folder)."""
-    torch.manual_seed(0)
-    model = models.vit_small(patch_size=16).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    root = tmp_path_factory.mktemp("hf")
-    torch.save(model.state_dict(), root / "official.pth")
-    export_weights(root / "official.pth", root / "dino_vits16", "hf")
-    return model, root / "official.pth", root / "dino_vits16"
+    return perturbed_and_exported(models.vit_small(patch_size=16), tmp_path_factory.mktemp("hf"), "dino_vits16")
 
 
 @pytest.fixture(scope="module")
 def vit_tiny(tmp_path_factory):
     """The same for a 2-block 32-px vit_tiny/8, where the test is about reading, not numbers."""
+    return perturbed_and_exported(models.vit_tiny(patch_size=8, depth=2, img_size=[32]),
+                                  tmp_path_factory.mktemp("hf_tiny"), "hf")
+
+
+def perturbed_and_exported(model, root, name):
+    """(`model` with its weights moved off their init values, its official .pth, its hf export folder `name`)."""
     torch.manual_seed(0)
-    model = models.vit_tiny(patch_size=8, depth=2, img_size=[32]).eval()
+    model = model.eval()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.02 * torch.randn_like(param))
-    root = tmp_path_factory.mktemp("hf_tiny")
     torch.save(model.state_dict(), root / "official.pth")
-    export_weights(root / "official.pth", root / "hf", "hf")
-    return model, root / "official.pth", root / "hf"
+    export_weights(root / "official.pth", root / name, "hf")
+    return model, root / "official.pth", root / name
 
 
 @pytest.fixture(scope="module")
