@@ -34,9 +34,10 @@ setup(
     # ffcv (.beton data; compiled from source against pkg-config, libturbojpeg0-dev and libopencv-dev) and
     # deepspeed (ZeRO, several ranks) are extras, so that fastdino installs where FFCV cannot be built;
     # without them the rest runs (data.path=synthetic) and asking for them is one line saying how to install.
-    # dev: transformers for the Hugging Face export test (tests/test_hf.py); it needs no other torch.
+    # dev: transformers for the Hugging Face export test (tests/test_hf.py; it needs no other torch) and
+    # tensorboard for the events test (training writes events wherever tensorboard is installed).
     extras_require={"ffcv": ["ffcv==1.0.2"], "deepspeed": ["deepspeed"],
-                    "dev": ["pytest>=8", "pytest-timeout", "transformers"],
+                    "dev": ["pytest>=8", "pytest-timeout", "transformers", "tensorboard"],
                     "gpu": ["nvidia-nvimgcodec-cu13[nvjpeg]", "nvidia-nvjpeg>=13,<14"]},
     entry_points={"console_scripts": ["fastdino=fastdino.cli:main"]},
 )

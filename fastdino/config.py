@@ -139,6 +139,11 @@ class MonitorConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = MISSING
+
+
+@dataclass
 class RunConfig:
     output_dir: str = MISSING
     seed: int = MISSING
@@ -157,6 +162,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 CHOICES = {
@@ -298,7 +304,7 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
 # or the data order, which the checkpoint has committed to. A key or a whole section.
 CHANGEABLE_ON_RESUME = (
     "output_dir", "max_steps", "device", "precision", "log_every", "checkpoint_every", "keep_checkpoints",
-    "on_nonfinite_loss", "progress", "eval", "monitor",
+    "on_nonfinite_loss", "progress", "eval", "monitor", "logging",
     "data.path", "data.num_workers", "data.decode", "data.crops", "data.os_cache", "data.batches_ahead",
     "model.attn_backend", "model.drop_path_impl", "model.packed_crops", "model.activation_checkpointing",
     "model.compile", "dino.loss_impl", "dino.ema_impl", "parallel.timeout_s", "parallel.bucket_elements",

@@ -38,6 +38,7 @@ from fastdino.train import checkpoint as ckpt
 from fastdino.train import run_folder
 from fastdino.train.monitor import collapse_stats, collapse_warnings
 from fastdino.train.schedules import build_schedules
+from fastdino.train.tensorboard import TensorBoardLog
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         self._lock = None
+        self.tensorboard = TensorBoardLog(self.output_dir, enabled=False)
         try:
             self._set_up(resume, overwrite)
         except BaseException:
@@ -159,6 +161,7 @@ class Trainer:
 
     def close(self) -> None:
         """Releases the run folder to the next run (train() does it when it ends)."""
+        self.tensorboard.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -289,6 +292,7 @@ class Trainer:
             launch = {**self.meta, "start_step": self.start_step,
                       "resumed_from": str(resume_path) if resume_path else None}
             run_folder.write_launch(self.output_dir, launch, resumed=not fresh)
+            self.tensorboard = TensorBoardLog(self.output_dir, enabled=self.cfg.logging.tensorboard)
         barrier()  # the old records are gone before any rank writes a checkpoint
 
     def _truncate_log(self) -> None:
@@ -511,6 +515,7 @@ class Trainer:
                     if self.is_main:
                         with open(log_path, "a") as f:
                             f.write(json_line(last_record))
+                        self.tensorboard.record(last_record)
                     postfix = {"loss": f"{loss_value:.4f}", "img/s": f"{img_per_s:.1f}",
                                "H/lnK": f"{stats['teacher_entropy'] / stats['log_k']:.2f}"}
                     if model_mfu is not None:
@@ -551,6 +556,7 @@ class Trainer:
             record = self.evaluate_knn(step)
             with open(log_path, "a") as f:
                 f.write(json_line({**record, "epoch": epoch, "kind": "eval"}))
+            self.tensorboard.knn(record, self.teacher.backbone, self.cfg.model.patch_size, self.cfg.eval.eval_size)
         barrier()
         return record
 
