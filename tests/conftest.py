@@ -1,7 +1,25 @@
-"""Shared fixtures: a small real data set (scikit-learn digits) as .beton files."""
+"""Shared fixtures: a small real data set (scikit-learn digits) as .beton files.
+
+Tests marked `fresh_process` are skipped in the main session and run by a test that starts a
+new interpreter for them (FASTDINO_FRESH_PROCESS=1): after hundreds of tests, one process holds
+FFCV loader threads that earlier tests left waiting and numba dispatchers that many loaders have
+specialised, and a fork of it (FFCV's writer processes) or a new loader's JIT compile can hang.
+"""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+FRESH_PROCESS = os.environ.get("FASTDINO_FRESH_PROCESS") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if FRESH_PROCESS:
+        return
+    for item in items:
+        if item.get_closest_marker("fresh_process"):
+            item.add_marker(pytest.mark.skip(reason="runs in a fresh interpreter (see conftest.py)"))
 
 
 @pytest.fixture(scope="session")

@@ -350,6 +350,7 @@ def test_an_overwritten_beton_tail_is_one_line(digits_betons, tmp_path, tail):
         check_beton(grown)
 
 
+@pytest.mark.fresh_process
 @pytest.mark.parametrize("os_cache", [False, True])
 def test_a_beton_replaced_under_a_running_loader_is_detected(digits_betons, tmp_path, os_cache):
     train, val = digits_betons
@@ -392,6 +393,7 @@ def test_file_list_labels_out_of_range_are_one_line(small_folder, tmp_path, labe
     assert sorted(p.name for p in tmp_path.iterdir()) == ["list.txt"]
 
 
+@pytest.mark.fresh_process
 def test_file_list_labels_at_the_limits(small_folder, tmp_path):
     (tmp_path / "list.txt").write_text(f"{small_folder}/0.png 0\n{small_folder}/1.png 2147483647\n"
                                        f"{small_folder}/2.png -1\n")
@@ -399,6 +401,7 @@ def test_file_list_labels_at_the_limits(small_folder, tmp_path):
     assert BetonImages(tmp_path / "out.beton", batch_size=1).labels.tolist() == [0, 2**31 - 1, -1]
 
 
+@pytest.mark.fresh_process
 @pytest.mark.parametrize("death", ["exception", "sigkill"])
 def test_a_dead_writer_process_is_an_error_not_a_hang(small_folder, tmp_path, monkeypatch, death):
     load = convert_module._CheckedImages.__getitem__
@@ -417,3 +420,12 @@ def test_a_dead_writer_process_is_an_error_not_a_hang(small_folder, tmp_path, mo
         convert_folder(small_folder, tmp_path / "out.beton", num_workers=2, progress=False)
     one_line(error.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fresh_process_cases():
+    """The .beton loader and `data convert` cases above, in a new interpreter (see conftest.py)."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "fresh_process",
+                             __file__], cwd=Path(__file__).resolve().parent.parent,
+                            env={**os.environ, "FASTDINO_FRESH_PROCESS": "1"}, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-5000:] + result.stderr[-2000:]
