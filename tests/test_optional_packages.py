@@ -76,9 +76,18 @@ def test_bench_kernels_and_bench_train(tmp_path):
     (["train", "data.path=synthetic", "parallel.zero_stage=1", "max_steps=1"], "deepspeed", "pip install deepspeed"),
 ])
 def test_missing_package_is_one_clear_line(tmp_path, args, package, install):
+    (tmp_path / "train.beton").write_bytes(b"")  # a file that exists: what is missing is the package
     result = run_without_ffcv_and_deepspeed(*args, *(TINY_MODEL if args[0] == "train" else []),
                                             *([f"output_dir={tmp_path}"] if args[0] == "train" else []), cwd=tmp_path)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("fastdino: error")]
     assert len(errors) == 1, result.stderr[-3000:]
     assert f"needs {package}" in errors[0] and install in errors[0], errors[0]
+
+
+def test_a_missing_beton_is_named_before_the_missing_package(tmp_path):
+    result = run_without_ffcv_and_deepspeed("train", *TINY_MODEL, "data.path=absent.beton", f"output_dir={tmp_path}",
+                                            cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fastdino: error")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
+    assert "absent.beton: no such .beton file" in errors[0]
