@@ -67,8 +67,8 @@ from safetensors.torch import save as safetensors_bytes
 from fastdino import models
 from fastdino.config import CHOICES
 from fastdino.models.vit import VisionTransformer
-from fastdino.train.checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_torch_save, resolve_checkpoint,
-                                       torch_load_safely)
+from fastdino.train.checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_torch_save, atomic_write_bytes,
+                                       resolve_checkpoint, torch_load_safely)
 
 EXPORT_FORMATS = ("official", "timm", "safetensors", "hf")
 # The extensions each format's file may have, the first being the one added to a bare name; hf writes a folder.
@@ -480,12 +480,7 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        _write_synced(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, data)
 
 
 def _atomic_write_hf_folder(folder: Path, files: dict[str, bytes]) -> None:

@@ -158,19 +158,28 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _write_checksums(path: Path, digests: dict[str, str]) -> None:
-    """`digests` ({file name relative to path's folder: SHA-256}) as sha256sum writes them, atomically."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """`data` to a temporary file beside `path`, flushed to disk, then renamed over `path`: a kill at
+    any point leaves either the old file or the new one, whole, and no temporary file behind.
+    Raises OSError as the write does."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write("".join(f"{digest}  {name}\n" for name, digest in sorted(digests.items())))
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        raise _write_failure(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_checksums(path: Path, digests: dict[str, str]) -> None:
+    """`digests` ({file name relative to path's folder: SHA-256}) as sha256sum writes them, atomically."""
+    try:
+        atomic_write_bytes(path, "".join(f"{digest}  {name}\n" for name, digest in sorted(digests.items())).encode())
+    except OSError as exc:
+        raise _write_failure(path, exc) from None
 
 
 def _read_checksums(path: Path) -> dict[str, str]:
@@ -209,7 +218,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, payload: dict, keep: int) -
     path = checkpoint_path(checkpoint_dir, step)
     atomic_torch_save({"version": CHECKPOINT_VERSION, "step": step, "rng": rng_state(), **payload}, path,
                       checksum=True)
-    _fsync_dir(checkpoint_dir)
+    fsync_dir(checkpoint_dir)
     _prune(checkpoint_dir, keep, path)
     remove_interrupted_writes(checkpoint_dir)
     return path
@@ -288,7 +297,7 @@ def save_sharded_checkpoint(checkpoint_dir: Path, step: int, engine, payload: di
         if final.exists():
             _discard(final)
         os.replace(staging, final)
-        _fsync_dir(checkpoint_dir)
+        fsync_dir(checkpoint_dir)
         _prune(checkpoint_dir, keep, final)
         remove_interrupted_writes(checkpoint_dir)
     barrier()
@@ -303,7 +312,8 @@ def load_sharded_rank_state(path: Path, rank: int) -> dict:
     return torch_load_safely(rank_file, checkpoint=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flushes a folder's entries (renames into it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

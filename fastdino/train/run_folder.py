@@ -158,20 +158,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     """`text` to a temporary file beside `path`, flushed to disk, renamed over `path`, the folder
     flushed: a kill at any point leaves either the old file or the new one, whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    ckpt.atomic_write_bytes(path, text.encode())
+    ckpt.fsync_dir(path.parent)
 
 
 def write_log(path: Path, records: list[dict]) -> None:
