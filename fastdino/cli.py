@@ -45,122 +45,6 @@ def _convert(args) -> int:
     return 0
 
 
-def _eval_device(args):
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-
-
-def _read_backbone(args, device):
-    """(backbone on `device`, the weights read) from CHECKPOINT, any kind fastdino.eval.export.read_backbone
-    reads; which file a folder stood for goes to stderr."""
-    from fastdino.eval.export import read_backbone
-
-    backbone, weights = read_backbone(args.checkpoint, args.which, args.arch, args.patch_size)
-    if Path(args.checkpoint).is_dir():
-        print(f"reading {weights.source}", file=sys.stderr)
-    return backbone.to(device), weights
-
-
-def _eval_backbone(args, device):
-    """(backbone on `device`, its arch, the image size to evaluate at): the run's eval size for
-    training checkpoints, else the model's img_size."""
-    backbone, weights = _read_backbone(args, device)
-    size = args.size or weights.eval_size or backbone.patch_embed.img_size
-    return backbone, args.arch or weights.arch, size
-
-
-def _check_labelled_betons(args) -> None:
-    """--train and --val must be labelled .beton files; checked before any image is decoded."""
-    from fastdino.data.decode import check_beton
-
-    check_beton(args.train, source="--train", need_labels=True)
-    check_beton(args.val, source="--val", need_labels=True)
-
-
-def _init_distributed_from_env(device) -> tuple[int, int]:
-    """(rank, world size): under torchrun or the deepspeed launcher (WORLD_SIZE > 1) joins the
-    process group (nccl on CUDA, gloo on CPU); otherwise (0, 1)."""
-    import torch.distributed as dist
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _eval_knn(args) -> int:
-    import torch.distributed as dist
-
-    from fastdino.data import eval_loader
-    from fastdino.eval.knn import all_gather_rows, drop_high_variance_dimensions, extract_features, knn_classify
-
-    device = _eval_device(args)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        import torch
-
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    rank, world_size = _init_distributed_from_env(device)
-    backbone, _, size = _eval_backbone(args, device)
-    _check_labelled_betons(args)
-
-    def embed(beton: str):
-        """This rank's shard of the file, then every rank's rows in file order."""
-        loader = eval_loader(beton, args.batch_size, size=size, device=str(device), rank=rank, world_size=world_size)
-        return all_gather_rows(*extract_features(backbone, loader, device))
-
-    train, val = embed(args.train), embed(args.val)
-    train_features, val_features = train[0], val[0]
-    if args.drop_high_variance:
-        train_features, val_features = drop_high_variance_dimensions(train_features, val_features,
-                                                                     args.drop_high_variance)
-    results = {}
-    for k in args.k:
-        results[f"k={k}"] = knn_classify(train_features, train[1], val_features, val[1], k=k,
-                                         temperature=args.temperature)
-        if rank == 0:
-            print(f"{args.which} k-NN k={k:<4d} top-1 {results[f'k={k}']['top1']:.2f}%")
-    if args.json and rank == 0:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    if world_size > 1:
-        dist.destroy_process_group()
-    return 0
-
-
-def _eval_linear(args) -> int:
-    from tqdm import tqdm
-
-    from fastdino.data import eval_loader
-    from fastdino.eval.linear import extract_probe_features, linear_probe, probe_defaults
-
-    device = _eval_device(args)
-    backbone, arch, size = _eval_backbone(args, device)
-    _check_labelled_betons(args)
-    default_blocks, default_avgpool = probe_defaults(arch)
-    n_last_blocks = min(args.n_last_blocks or default_blocks, len(backbone.blocks))
-    avgpool = default_avgpool if args.avgpool is None else args.avgpool
-
-    def features(beton: str, name: str):
-        loader = eval_loader(beton, args.batch_size, size=size, device=str(device))
-        batches = tqdm(loader, desc=f"{name} features", dynamic_ncols=True, leave=False)
-        return extract_probe_features(backbone, batches, device, n_last_blocks, avgpool)
-
-    train, val = features(args.train, "train"), features(args.val, "val")
-    results = linear_probe(*train, *val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seed, progress=True)
-    results.update(which=args.which, n_last_blocks=n_last_blocks, avgpool=avgpool, epochs=args.epochs,
-                   lr=args.lr, batch_size=args.batch_size, size=size)
-    top5 = f", top-5 {results['top5']:.2f}%" if "top5" in results else ""
-    print(f"{args.which} linear probe ({n_last_blocks} block{'s' if n_last_blocks > 1 else ''}"
-          f"{' + avgpool' if avgpool else ''}, {results['feature_dim']}-d): top-1 {results['top1']:.2f}%{top5} "
-          f"(train top-1 {results['train_top1']:.2f}%)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
 def _plot(args) -> int:
     from fastdino.eval.plot import plot_run
 
@@ -181,23 +65,12 @@ def _export(args) -> int:
     return 0
 
 
-def _add_weights_arguments(parser: argparse.ArgumentParser) -> None:
-    """CHECKPOINT and how to read it, for the commands that take any backbone weights file."""
-    parser.add_argument("checkpoint", help="fastdino training checkpoint (.pt, a DeepSpeed step folder, or a run "
-                                           "folder: its newest checkpoint), official DINO weights (backbone-only "
-                                           "or full checkpoint), timm-layout or safetensors file")
-    parser.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                        help="network of a training checkpoint (default teacher)")
-    parser.add_argument("--arch", choices=["vit_tiny", "vit_small", "vit_base"],
-                        help="architecture (default: what the file records, else what its tensor shapes show)")
-    parser.add_argument("--patch-size", type=int,
-                        help="patch size (default: what the file records, else what its tensor shapes show)")
-
-
 def _viz_attention(args) -> int:
     from fastdino.eval.draw import draw_attention_for_files
 
-    backbone, _ = _read_backbone(args, "cpu")
+    from fastdino.eval.command import read_backbone
+
+    backbone, _ = read_backbone(args, "cpu")
     paths = draw_attention_for_files(backbone, backbone.patch_embed.patch_size, args.images, Path(args.out),
                                      size=args.size)
     for path in paths:
@@ -227,6 +100,32 @@ def _demo(args) -> int:
     return 0
 
 
+def _module_command(args) -> int:
+    """Runs the `main(argv)` of the module that owns the command (see fastdino/eval/command.py)."""
+    import importlib
+
+    return importlib.import_module(args.module).main(args.module_args)
+
+
+# Commands whose module owns its parser: `fastdino eval NAME ...` -> MODULE.main([...]).
+EVAL_COMMANDS = {
+    "knn": ("fastdino.eval.knn", "weighted k-NN on frozen backbone features (official eval_knn)"),
+    "linear": ("fastdino.eval.linear", "linear probe on frozen backbone features (official eval_linear)"),
+    "segment": ("fastdino.eval.segment",
+                "few-shot semantic segmentation by patch-feature nearest neighbours: mean IoU"),
+    "attention-masks": ("fastdino.eval.attention_masks",
+                        "Jaccard of the last block's thresholded CLS attention with foreground masks"),
+    "video": ("fastdino.eval.video",
+              "video object segmentation by patch-feature label propagation (DAVIS-2017): J&F"),
+    "retrieval": ("fastdino.eval.retrieval",
+                  "image retrieval by CLS cosine similarity (revisited Oxford/Paris, instance folders): mAP"),
+}
+DATA_COMMANDS = {
+    "scenes": ("fastdino.data.scenes",
+               "write generated scenes with exact masks, videos and instances in the VOC, DAVIS and "
+               "Oxford layouts, to try every evaluation without downloading anything"),
+}
+
 BENCH_SCRIPTS = {
     "kernels": "time the Triton loss and EMA kernels against their baselines and the bandwidth floor",
     "loader": "multi-crop loading img/s and CPU cores: the official PIL recipe against fastdino's loader",
@@ -236,6 +135,8 @@ BENCH_SCRIPTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastdino.eval.command import add_weights_arguments
+
     parser = argparse.ArgumentParser(prog="fastdino", description="Fast DINO self-supervised ViT training.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -290,51 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="store JPEG (default; what the GPU decoder reads) or raw pixels (no decode, larger)")
     convert.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="parallel workers")
     convert.set_defaults(func=_convert)
+    for name, (module, summary) in DATA_COMMANDS.items():
+        command = data.add_parser(name, help=summary, add_help=False,
+                                  description=f"Runs {module}; later arguments go to it (--help).")
+        command.add_argument("data_args", nargs=argparse.REMAINDER, help="arguments of the command (--help)")
 
     evaluate = commands.add_parser("eval", help="evaluate features").add_subparsers(dest="eval_command", required=True,
                                                                                    metavar="SUBCOMMAND")
-    knn = evaluate.add_parser("knn", help="weighted k-NN on frozen backbone features (official eval_knn)")
-    _add_weights_arguments(knn)
-    knn.add_argument("--train", required=True, help="labelled .beton for the memory bank")
-    knn.add_argument("--val", required=True, help="labelled .beton to classify")
-    knn.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (default 10 20 100 200)")
-    knn.add_argument("--temperature", type=float, default=0.07)
-    knn.add_argument("--drop-high-variance", type=int, default=0, metavar="N",
-                     help="drop the N feature dimensions of highest variance over the train set before the "
-                          "search (default 0: keep all)")
-    knn.add_argument("--size", type=int, default=0,
-                     help="evaluation image size (default: the run's eval.eval_size, else the model's img_size)")
-    knn.add_argument("--batch-size", type=int, default=128)
-    knn.add_argument("--device", choices=["auto", "cpu"], default="auto")
-    knn.add_argument("--json", help="also write the results to this JSON file")
-    knn.set_defaults(func=_eval_knn)
-
-    linear = evaluate.add_parser(
-        "linear", help="linear probe on frozen backbone features (official eval_linear)",
-        description="Official recipe on features extracted once and cached: CLS tokens of the last N blocks "
-                    "(+ mean patch token with --avgpool) -> Linear, SGD momentum 0.9, no weight decay, "
-                    "lr = LR * batch / 256 with a cosine decay. Unlike official, no RandomResizedCrop/flip "
-                    "augmentation while training the probe (centre crops only, for speed), and the last "
-                    "epoch's accuracy is reported, not the best.")
-    _add_weights_arguments(linear)
-    linear.add_argument("--train", required=True, help="labelled .beton to train the probe on")
-    linear.add_argument("--val", required=True, help="labelled .beton to score")
-    linear.add_argument("--epochs", type=int, default=100, help="probe epochs over the cached features (default 100)")
-    linear.add_argument("--lr", type=float, default=0.1,
-                        help="lr per 256 images (default 0.1; the official 0.001 is tuned for ImageNet's >100k "
-                             "steps and underfits small sets)")
-    linear.add_argument("--batch-size", type=int, default=256, help="probe and feature-extraction batch (default 256)")
-    linear.add_argument("--n-last-blocks", type=int, default=0,
-                        help="concatenate the CLS tokens of this many last blocks (default: 4 for vit_tiny/small, "
-                             "1 for vit_base)")
-    linear.add_argument("--avgpool", action=argparse.BooleanOptionalAction, default=None,
-                        help="also append the last block's mean patch token (default: on for vit_base only)")
-    linear.add_argument("--seed", type=int, default=0, help="seeds the probe's init and sample order")
-    linear.add_argument("--size", type=int, default=0,
-                        help="evaluation image size (default: the run's eval.eval_size, else the model's img_size)")
-    linear.add_argument("--device", choices=["auto", "cpu"], default="auto")
-    linear.add_argument("--json", help="also write the results to this JSON file")
-    linear.set_defaults(func=_eval_linear)
+    for name, (module, summary) in EVAL_COMMANDS.items():
+        command = evaluate.add_parser(name, help=summary, add_help=False,
+                                      description=f"Runs {module}; later arguments go to it (--help).")
+        command.add_argument("eval_args", nargs=argparse.REMAINDER, help="arguments of the command (--help)")
 
     plot = commands.add_parser("plot", help="draw a run's training curves from its log.jsonl as one PNG",
                                description="Loss (with ln K), lr, weight decay, EMA momentum, teacher temperature, "
@@ -351,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "metadata; safetensors (.safetensors): with arch, patch_size, embed_dim, depth, num_heads, "
                     "img_size and source step in its metadata; hf (a folder): config.json + model.safetensors for "
                     "transformers.ViTModel.from_pretrained(OUT, add_pooling_layer=False).")
-    _add_weights_arguments(export)
+    add_weights_arguments(export)
     export.add_argument("--format", required=True, choices=["official", "timm", "safetensors", "hf"])
     export.add_argument("--out", required=True,
                         help="output file, or folder for hf (written under a temporary name, then renamed); a name "
@@ -370,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     viz = commands.add_parser("viz", help="pictures").add_subparsers(dest="viz_command", required=True,
                                                                      metavar="SUBCOMMAND")
     attention = viz.add_parser("attention", help="per-head CLS attention maps of the last block as PNG")
-    _add_weights_arguments(attention)
+    add_weights_arguments(attention)
     attention.add_argument("images", nargs="+",
                            help="image files (8-bit, 16-bit and 32-bit images are scaled to 8 bits as "
                                 "`data convert` does)")
@@ -386,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCH_SCRIPTS:  # later arguments belong to the script
         args = argparse.Namespace(func=_bench_script, bench_name=argv[1], bench_args=argv[2:])
+    elif argv[:1] == ["eval"] and argv[1:2] and argv[1] in EVAL_COMMANDS:
+        args = argparse.Namespace(func=_module_command, module=EVAL_COMMANDS[argv[1]][0], module_args=argv[2:])
+    elif argv[:1] == ["data"] and argv[1:2] and argv[1] in DATA_COMMANDS:
+        args = argparse.Namespace(func=_module_command, module=DATA_COMMANDS[argv[1]][0], module_args=argv[2:])
     else:
         args = build_parser().parse_args(argv)
     if os.environ.get("FASTDINO_DEBUG") == "1":

@@ -123,3 +123,57 @@ def all_gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dist.all_gather(parts, padded)
         gathered.append(torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)]))
     return tuple(gathered)
+
+
+def build_parser():
+    from fastdino.eval.command import add_run_arguments, add_weights_arguments, command_parser
+
+    parser = command_parser("knn", "Weighted k-NN on frozen backbone features (official eval_knn): CLS embeddings of "
+                                   "centre crops, cosine similarity, votes exp(sim / T). Runs on every rank under "
+                                   "torchrun, each embedding its shard.")
+    add_weights_arguments(parser)
+    parser.add_argument("--train", required=True, help="labelled .beton for the memory bank")
+    parser.add_argument("--val", required=True, help="labelled .beton to classify")
+    parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200],
+                        help="neighbours (default 10 20 100 200)")
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--size", type=int, default=0,
+                        help="evaluation image size (default: the run's eval.eval_size, else the model's img_size)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    add_run_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """`fastdino eval knn ...`: prints top-1 per k, writes --json (rank 0)."""
+    import torch.distributed as dist
+
+    from fastdino.data import eval_loader
+    from fastdino.eval.command import check_labelled_betons, eval_backbone, eval_device, write_json
+    from fastdino.parallel.distributed import init_from_launcher
+
+    args = build_parser().parse_args(argv)
+    device = eval_device(args.device)
+    rank, world_size = init_from_launcher(device)
+    backbone, _, size = eval_backbone(args, device)
+    check_labelled_betons(args.train, args.val)
+
+    def embed(beton: str):
+        """This rank's shard of the file, then every rank's rows in file order."""
+        loader = eval_loader(beton, args.batch_size, size=size, device=str(device), rank=rank, world_size=world_size)
+        return all_gather_rows(*extract_features(backbone, loader, device))
+
+    (train_features, train_labels), (val_features, val_labels) = embed(args.train), embed(args.val)
+    if args.drop_high_variance:
+        train_features, val_features = drop_high_variance_dimensions(train_features, val_features,
+                                                                     args.drop_high_variance)
+    by_k = knn_classify(train_features, train_labels, val_features, val_labels, temperature=args.temperature,
+                        ks=args.k)
+    results = {f"k={k}": by_k[k] for k in args.k}
+    if rank == 0:
+        for k in args.k:
+            print(f"{args.which} k-NN k={k:<4d} top-1 {by_k[k]['top1']:.2f}%")
+        write_json(args.json, results)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return 0

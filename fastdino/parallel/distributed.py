@@ -79,6 +79,17 @@ def init_distributed(device: torch.device, timeout_s: float, need_group: bool) -
     return DistEnv(dist.get_rank(), dist.get_world_size(), env.local_rank)
 
 
+def init_from_launcher(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) for the evaluation commands: under torchrun (WORLD_SIZE > 1) joins a plain
+    torch.distributed group (nccl on CUDA, gloo on CPU), otherwise (0, 1) and no group."""
+    env = launcher_env()
+    if env.world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
