@@ -20,7 +20,7 @@ TINY = ["device=cpu", "progress=false", "log_every=1", "seed=0", "model.arch=vit
         "model.patch_size=4", "model.img_size=16", "model.out_dim=64", "model.head_hidden_dim=32",
         "model.head_bottleneck_dim=16", "model.use_bn_in_head=true", "model.drop_path_rate=0.1", "data.batch_size=16", "data.n_local_crops=2",
         "data.global_size=16", "data.local_size=8", "data.num_workers=1", "optim.epochs=2",
-        "optim.warmup_epochs=0.1", "optim.freeze_last_layer=0", "eval.eval_size=16", "max_steps=8",
+        "optim.lr=0.1", "optim.warmup_epochs=0", "optim.freeze_last_layer=0", "eval.eval_size=16", "max_steps=8",
         "checkpoint_every=100"]
 FIELDS = ("loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "student_entropy")
 
