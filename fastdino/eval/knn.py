@@ -96,10 +96,17 @@ def drop_high_variance_dimensions(train_features: torch.Tensor, test_features: t
     they then dominate every cosine similarity, and dropping them can make k-NN neighbours
     reflect the remaining, more semantic dimensions.
     """
-    if not 0 <= n < train_features.shape[1]:
-        raise ValueError(f"cannot drop {n} of {train_features.shape[1]} feature dimensions")
-    keep = train_features.var(dim=0).argsort(descending=True)[n:].sort().values
+    keep = low_variance_dimensions(train_features, n)
     return F.normalize(train_features[:, keep], dim=1), F.normalize(test_features[:, keep], dim=1)
+
+
+def low_variance_dimensions(features: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices (ascending, long) of the dimensions of `features` `[N, D]` left once the `n` of
+    highest variance over its rows are dropped: `D - n` of them. Raises ValueError unless
+    0 <= n < D."""
+    if not 0 <= n < features.shape[1]:
+        raise ValueError(f"cannot drop {n} of {features.shape[1]} feature dimensions")
+    return features.var(dim=0).argsort(descending=True)[n:].sort().values
 
 
 @torch.no_grad()
