@@ -258,8 +258,9 @@ def write_revisited(root, rng):
         assert np.array_equal(load_rgb(root / "jpg" / f"q{q}.jpg")[16:48, 24:64], load_rgb(root / "jpg" / f"d{q}.jpg"))
 
 
-def run(*argv):
-    return cli.main(["eval", "retrieval", *map(str, argv), "--device", "cpu", "--workers", "0"])
+def run(weights, data, *argv):
+    return cli.main(["eval", "retrieval", str(weights), "--data", str(data), *map(str, argv), "--device", "cpu",
+                     "--workers", "0"])
 
 
 def test_revisited_end_to_end_perfect_retrieval(tmp_path, weights):

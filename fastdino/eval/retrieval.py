@@ -531,7 +531,8 @@ def build_parser():
         "instance folders (<instance>/<image>): every image queries the others, its folder's images are its\n"
         "positives; mAP, mP@k and R@k. No whitening (the official retrieval script has none).")
     add_weights_arguments(parser)
-    parser.add_argument("data", help="data folder: jpg/ + gnd_<dataset>.pkl (revisited), or <instance>/<image> folders")
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="data folder: jpg/ + gnd_<dataset>.pkl (revisited), or <instance>/<image> folders")
     parser.add_argument("--protocol", choices=["auto", "revisited", "instances"], default="auto",
                         help="auto (default): revisited where a gnd_*.pkl is found (or --gnd given), else instances")
     parser.add_argument("--gnd", metavar="FILE", help="revisitop ground-truth pickle (default: the gnd_*.pkl in DATA)")
