@@ -18,6 +18,7 @@ Two protocols:
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import time
 from dataclasses import dataclass
@@ -549,7 +550,8 @@ def build_parser():
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], metavar="K",
                         help="ranks of the precision (and, for instances, recall) at k (default 1 5 10)")
     parser.add_argument("--batch-size", type=int, default=64, help="images of one size embedded together (default 64)")
-    parser.add_argument("--workers", type=int, default=4, help="image reading processes (default 4; 0: in this one)")
+    parser.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0)) - 1),
+                        help="image reading processes (default: up to 4, one core left to the model; 0: in this one)")
     parser.add_argument("--png", metavar="FILE", help="draw the best-ranked database images of a few queries here")
     parser.add_argument("--show", type=int, default=4, help="queries in the PNG (default 4, spread over the queries)")
     parser.add_argument("--top", type=int, default=8, help="ranked images per query in the PNG (default 8)")
