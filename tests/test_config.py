@@ -1,7 +1,10 @@
 import pytest
 from omegaconf import OmegaConf
 
-from fastdino.config import CONFIG_DIR, ConfigError, load_config, save_config
+import dataclasses
+
+from fastdino.config import (CHANGEABLE_ON_RESUME, CHOICES, CONFIG_DIR, SETTINGS, AugmentConfig, ConfigError, RunConfig,
+                             changeable_on_resume, load_config, save_config)
 
 
 def test_defaults_fill_every_key_and_official_values():
@@ -39,6 +42,15 @@ def test_override_types_are_converted():
     (["data.path=x", "log_every=0"], "log_every"),
     (["data.path=x", "checkpoint_every=0"], "checkpoint_every"),
     (["data.path=x", "optim.warmup_epochs=-1"], "optim.warmup_epochs"),
+    (["data.path=x", "model.out_dim=1"], "model.out_dim"),
+    (["data.path=x", "model.img_size=100"], "model.img_size"),
+    (["data.path=x", "device=tpu"], "device"),
+    (["data.path=x", "parallel.timeout_s=0"], "parallel.timeout_s"),
+    (["data.path=x", "data.n_local_crops=-1"], "data.n_local_crops"),
+    (["data.path=x", "data.augment.blur_p=[1.0,0.5]"], "data.augment.blur_p"),
+    (["data.path=x", "data.augment.solarize_p=[0.0,1.5,0.0]"], "data.augment.solarize_p"),
+    (["data.path=x", "data.augment.flip_p=-0.1"], "data.augment.flip_p"),
+    (["data.path=x", "data.augment.mean=[0.5]"], "data.augment.mean"),
     ([], "data.path"),
 ])
 def test_bad_config_is_one_line_naming_the_key(overrides, key):
@@ -77,3 +89,49 @@ def test_warmup_longer_than_the_run_is_an_error(key, value):
     assert f"'{key}' is {value}" in message and "optim.epochs is 2" in message and "\n" not in message
     cfg = load_config(None, ["data.path=x", "optim.epochs=2", "optim.warmup_epochs=0", f"{key}=2"])  # reached at the end
     assert OmegaConf.select(cfg, key) == 2
+
+
+@pytest.mark.parametrize("override, text", [
+    ("model.arch=resnet50", "config key 'model.arch' is 'resnet50'; expected one of vit_tiny, vit_small, vit_base"),
+    ("data.batch_size=0", "config key 'data.batch_size' must be positive, got 0"),
+    ("max_steps=-1", "config key 'max_steps' must be >= 0, got -1"),
+    ("model.out_dim=1", "config key 'model.out_dim' must be >= 2, got 1"),
+    ("data.augment.flip_p=2.0", "config key 'data.augment.flip_p' must be between 0 and 1, got 2.0"),
+    ("data.augment.blur_p=[1.0,0.1,-0.5]", "config key 'data.augment.blur_p' must hold values between 0 and 1"),
+    ("data.augment.blur_p=[1.0,0.1]", "config key 'data.augment.blur_p' needs 3 values (Gaussian blur probability: "
+                                      "global crop 1, global crop 2, local crops), got 2"),
+    ("data.local_size=100", "config key 'data.local_size' must be a multiple of model.patch_size=16"),
+    ("optim.warmup_epochs=101", "config key 'optim.warmup_epochs' is 101.0 but optim.epochs is 100: the warm-up "
+                                "would never reach optim.lr=0.0005; shorten it or raise optim.epochs"),
+])
+def test_field_checks_give_their_one_line_error(override, text):
+    """Validation is generic over each field's metadata (choices, positive, bounds, length, multiple_of,
+    warmup_of): one line, naming the key, its rule and the value."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.path=x", override])
+    assert str(err.value).startswith(text)
+
+
+def _flat_keys(node, prefix=""):
+    keys = {}
+    for key, value in node.items():
+        keys.update(_flat_keys(value, f"{prefix}{key}.") if OmegaConf.is_dict(value) else {f"{prefix}{key}": 1})
+    return keys
+
+
+def test_one_home_per_key():
+    """Every key is one dataclass field: CHOICES and CHANGEABLE_ON_RESUME are read off the fields, and
+    the sections are plain dataclasses with the official defaults (multicrop reads AugmentConfig's)."""
+    cfg = load_config(None, ["data.path=x"])
+    assert set(SETTINGS) == set(_flat_keys(cfg))  # every key of a loaded config, and no other
+    assert CHOICES["model.arch"] == ("vit_tiny", "vit_small", "vit_base")
+    assert CHOICES["parallel.zero_stage"] == (0, 1, 2)
+    assert all(key in SETTINGS for key in CHOICES)
+    assert {"eval", "monitor", "logging", "data.path", "max_steps"} <= set(CHANGEABLE_ON_RESUME)
+    assert changeable_on_resume("eval.knn_k") and not changeable_on_resume("optim.lr")
+    assert not changeable_on_resume("data.augment.flip_p") and not changeable_on_resume("model.arch")
+    augment = AugmentConfig()
+    assert augment.blur_p == [1.0, 0.1, 0.5] and augment.flip_p == 0.5 and augment.ratio == [0.75, 1.3333333]
+    assert AugmentConfig().blur_p is not augment.blur_p  # list defaults are not shared
+    assert dataclasses.asdict(augment) == OmegaConf.to_container(cfg.data.augment)
+    assert RunConfig().data.path == "???" and RunConfig().optim.lr == 0.0005
