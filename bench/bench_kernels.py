@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -105,7 +103,9 @@ class Bench:
         self.args, self.torch, self.triton = args, torch, triton
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
-        self.device_name = torch.cuda.get_device_name(self.device) if self.cuda else f"cpu ({os.cpu_count()} cores)"
+        from fastdino.runinfo import device_name
+
+        self.device_name = device_name(self.device)
         self.rows: list[dict] = []
         self.copy_gbps = math.nan
 
@@ -151,9 +151,9 @@ class Bench:
         if path.parent == Path("."):
             path = RESULTS / path
         path.parent.mkdir(parents=True, exist_ok=True)
-        common = dict(device=self.device_name, torch=self.torch.__version__, triton=self.triton.__version__,
-                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      command=shlex.join([Path(sys.executable).name] + sys.argv))
+        from fastdino.runinfo import benchmark_context
+
+        common = benchmark_context(self.device, [Path(sys.executable).name] + sys.argv)
         with path.open("a") as f:
             for row in self.rows:
                 f.write(json.dumps({**row, **common}) + "\n")

@@ -24,11 +24,9 @@ rank: AdamW's exp_avg + exp_avg_sq and ZeRO's fp32 master partition.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -91,8 +89,8 @@ def print_table(rows: list[dict]) -> None:
 def worker(arch: str, out_dim: int, out: Path) -> None:
     """One rank under torchrun: for each stage, one step of the student, then its optimizer bytes."""
     from fastdino.config import load_config
-    from fastdino.parallel import apply_parallelism, init_distributed, memory_bytes
-    from fastdino.ssl import build_student_teacher
+    from fastdino.parallel import init_distributed, memory_bytes
+    from fastdino.train.builders import build_dino_step
 
     rows = []
     for stage in (0, 1, 2):
@@ -100,8 +98,7 @@ def worker(arch: str, out_dim: int, out: Path) -> None:
                                  "data.batch_size=1", f"parallel.zero_stage={stage}"])
         env = init_distributed(torch.device("cpu"), cfg.parallel.timeout_s, need_group=True)
         torch.manual_seed(0)
-        nets = build_student_teacher(cfg.model)
-        runner, _ = apply_parallelism(nets.student, nets.teacher, cfg, env)
+        runner = build_dino_step(cfg, torch.device("cpu"), env).runner
         for group in runner.param_groups:
             group["lr"] = 1e-4
         crops = [torch.randn(1, 3, 32, 32)] * 2
@@ -160,6 +157,9 @@ def main(argv=None) -> None:
     print(f"\nmeasured, {args.arch}/16 K={args.out_dim} (P = {p_count:,} trainable), bytes per rank:")
     print(f"{'stage':>5s} {'ranks':>5s} {'rank':>4s} {'Adam measured':>14s} {'Adam analytic':>14s} "
           f"{'master measured':>16s} {'master analytic':>16s}")
+    from fastdino.runinfo import benchmark_context
+
+    context = {**benchmark_context(torch.device("cpu"), [sys.executable, *sys.argv]), "backend": "gloo"}
     json_rows = []
     for row in measured:
         expected = per_rank_bytes(p_count, row["stage"], row["world_size"])
@@ -169,22 +169,12 @@ def main(argv=None) -> None:
             json_rows.append({
                 "what": f"{key} bytes per rank, {args.arch}/16 K={args.out_dim}, ZeRO stage {row['stage']}, "
                         f"world size {row['world_size']}, rank {row['rank']} (analytic {expected[key]})",
-                "value": row[key], "unit": "bytes", "device": f"CPU, {os.cpu_count()} cores, gloo",
-                "torch": torch.__version__, "deepspeed": _version("deepspeed"), "triton": _version("triton"),
-                "date": datetime.date.today().isoformat(),
-                "command": shlex.join([sys.executable, *sys.argv])})
+                "value": row[key], "unit": "bytes", **context})
     if args.json:
         RESULTS_DIR.mkdir(exist_ok=True)
         with open(RESULTS_DIR / args.json, "a") as f:
             for row in json_rows:
                 f.write(json.dumps(row) + "\n")
-
-
-def _version(name: str) -> str | None:
-    try:
-        return __import__(name).__version__
-    except ImportError:
-        return None
 
 
 if __name__ == "__main__":

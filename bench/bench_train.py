@@ -35,13 +35,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import math
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -165,48 +161,26 @@ def autocast(device: torch.device, dtype):
 
 
 class FastdinoStep:
-    """The step of fastdino.train.trainer, from the same library pieces, with the schedules held
-    at their step-0 values and the epoch past the last-layer freeze (the steady state)."""
+    """The step `fastdino train` runs (fastdino.ssl.DINOMetaArch, built by
+    fastdino.train.builders.build_dino_step as the trainer builds it), with the schedules held at
+    their step-0 values and the epoch past the last-layer freeze (the steady state)."""
 
     name = "fastdino"
 
     def __init__(self, cfg, device: torch.device):
-        from fastdino.parallel import DistEnv, apply_parallelism
-        from fastdino.ssl import DINOLoss, build_student_teacher
+        from fastdino.parallel import DistEnv
+        from fastdino.train.builders import build_dino_step
+        from fastdino.train.schedules import build_schedules
 
-        nets = build_student_teacher(cfg.model)
-        # One process: apply_parallelism gives the trainer's plain module and DINOAdamW
-        # (per-parameter clipping and the last-layer freeze inside step()).
-        self.runner, self.teacher = apply_parallelism(nets.student.to(device), nets.teacher.to(device), cfg,
-                                                      DistEnv(rank=0, world_size=1, local_rank=0))
-        self.student = self.runner.module
-        self.cfg, self.device = cfg, device
-        self.ncrops = 2 + cfg.data.n_local_crops
-        self.loss_fn = DINOLoss(cfg.model.out_dim, self.ncrops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
-                                cfg.dino.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.dino.student_temp,
-                                cfg.dino.center_momentum, impl=cfg.dino.loss_impl).to(device)
-        for group in self.runner.param_groups:
-            group.update(lr=lr(cfg), weight_decay=cfg.optim.weight_decay if group["decay"] else 0.0)
-        self.epoch = cfg.optim.freeze_last_layer
-        self.amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.step = build_dino_step(cfg, device, DistEnv(rank=0, world_size=1, local_rank=0))
+        self.student = self.step.student
+        values = build_schedules(cfg, steps_per_epoch=1, total_batch_size=cfg.data.batch_size).at(0)
+        for group in self.step.runner.param_groups:
+            group.update(lr=lr(cfg), weight_decay=values["wd"] if group["decay"] else 0.0)
+        self.teacher_temp, self.momentum = values["teacher_temp"], values["momentum"]
 
     def __call__(self, crops, stage) -> None:
-        from fastdino.ssl import ema_update_
-
-        cfg = self.cfg
-        with autocast(self.device, self.amp_dtype):
-            with stage("teacher_forward"), torch.no_grad():
-                teacher_output = self.teacher(crops[:2])
-            with stage("student_forward"):
-                student_output = self.runner(crops)
-            with stage("loss"):
-                loss = self.loss_fn(student_output, teacher_output, self.epoch)
-        with stage("backward"):
-            self.runner.backward(loss)
-        with stage("optimizer"):
-            self.runner.step()  # clips per parameter, AdamW, clears the gradients
-        with stage("ema"):
-            ema_update_(self.teacher, self.student, cfg.dino.momentum_teacher, impl=cfg.dino.ema_impl)
+        self.step.train_step(crops, self.teacher_temp, self.momentum, stage=stage)
 
 
 class OfficialStep:
@@ -298,14 +272,13 @@ def lr(cfg) -> float:
 # ---------------------------------------------------------------- data
 
 class SyntheticData:
-    """One fixed random multi-crop batch, handed out again and again: no loading cost, and
-    every variant sees exactly the same inputs."""
+    """The first batch of the training loader on data.path=synthetic, handed out again and again:
+    no loading cost, and every variant sees exactly the same inputs."""
 
-    def __init__(self, cfg, device: torch.device, seed: int = 0):
-        gen = torch.Generator().manual_seed(seed)
-        d = cfg.data
-        sizes = [d.global_size] * 2 + [d.local_size] * d.n_local_crops
-        self.crops = [torch.randn(d.batch_size, 3, s, s, generator=gen).to(device) for s in sizes]
+    def __init__(self, cfg, device: torch.device):
+        from fastdino.train.builders import build_training_loader
+
+        self.crops, _labels = next(iter(build_training_loader(cfg, device).iter_epoch(0)))
 
     def __iter__(self):
         while True:
@@ -313,17 +286,13 @@ class SyntheticData:
 
 
 class BetonData:
-    """The training loader over a .beton, epoch after epoch (same seed for every variant, so the
-    same batches in the same order)."""
+    """The training loader over a .beton, as the trainer builds it, epoch after epoch (same seed for
+    every variant, so the same batches in the same order)."""
 
-    def __init__(self, cfg, path: str, device: torch.device):
-        from fastdino.data import multicrop_loader
+    def __init__(self, cfg, device: torch.device):
+        from fastdino.train.builders import build_training_loader
 
-        d = cfg.data
-        self.loader = multicrop_loader(path, d.batch_size, n_local_crops=d.n_local_crops, global_size=d.global_size,
-                                       local_size=d.local_size, device=str(device), seed=cfg.seed, augment=d.augment,
-                                       num_workers=d.num_workers, decode=d.decode, crops=d.crops, order=d.order,
-                                       os_cache=d.os_cache, batches_ahead=d.batches_ahead)
+        self.loader = build_training_loader(cfg, device)
 
     def __iter__(self):
         epoch = 0
@@ -407,22 +376,12 @@ def profile(step, batches, args, device: torch.device, path: Path) -> Path:
 
 class Report:
     def __init__(self, args, device: torch.device):
-        import triton
+        from fastdino.runinfo import benchmark_context
 
         self.args, self.device = args, device
         self.rows: list[dict] = []
-        if device.type == "cuda":
-            props = torch.cuda.get_device_properties(device)
-            self.device_name = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
-        else:
-            self.device_name = f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores, " \
-                               f"{torch.get_num_threads()} torch threads)"
-        self.common = dict(device=self.device_name, torch=torch.__version__, triton=triton.__version__,
-                           xformers=_version("xformers"), cuda=torch.version.cuda,
-                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                           command=shlex.join(["fastdino", "bench", "train", *sys.argv[1:]]))
-        # Other processes on the machine skew every timing: keep the load next to the numbers.
-        self.common["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+        self.common = benchmark_context(device, ["fastdino", "bench", "train", *sys.argv[1:]])
+        self.device_name = self.common["device"]
 
     def record(self, what: str, value, unit: str, **extra) -> None:
         self.rows.append(dict(what=what, value=value, unit=unit, **extra))
@@ -436,15 +395,6 @@ class Report:
             for row in self.rows:
                 f.write(json.dumps({**row, **self.common}) + "\n")
         return path
-
-
-def _version(package: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def config_tag(cfg) -> str:
@@ -488,7 +438,7 @@ def bench_config(cfg, args, device, report: Report) -> None:
     if args.data == "synthetic":
         data_factory = lambda: SyntheticData(cfg, device)  # noqa: E731
     else:
-        data_factory = lambda: BetonData(cfg, args.data, device)  # noqa: E731
+        data_factory = lambda: BetonData(cfg, device)  # noqa: E731
     precision = {"fastdino": "bf16" if device.type == "cuda" else "fp32",
                  "official": "fp16+GradScaler" if device.type == "cuda" else "fp32"}
     trace_dir = Path(args.profile) if args.profile else None
@@ -563,13 +513,13 @@ def check_targets(cfg, results: dict, report: Report) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     from fastdino.config import load_config
-    from fastdino.runinfo import setup_logging
+    from fastdino.runinfo import resolve_device, setup_logging
 
     setup_logging()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("fastdino bench train: --device cuda but no CUDA GPU is available (use --device cpu)")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as error:
+        sys.exit(f"fastdino bench train: {error}")
     if args.data != "synthetic" and not Path(args.data).is_file():
         sys.exit(f"fastdino bench train: --data {args.data}: no such file (give a .beton or 'synthetic')")
     matrix, preset_defaults = PRESETS[args.preset] if args.preset else ([[]], {})

@@ -11,9 +11,19 @@ import os
 import sys
 from pathlib import Path
 
-# Idle OpenMP threads spin by default, which starves FFCV's decode threads and any
-# other process on small CPU machines; must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP reads its wait policy once, when torch loads, so it is chosen per command before any
+# import of torch. Where FFCV's decode threads run beside torch's CPU ops (training and the demo
+# read .beton files, convert writes them, the loader benchmark), idle OpenMP threads must sleep at
+# once (PASSIVE): spinning, they take the cores the decoders need. Everywhere else (the step
+# benchmark, evaluation, export) libgomp's default (spin a little, then sleep) is kept: waking
+# sleeping threads for every small op halves the speed of small CPU steps. A policy set in the
+# environment always wins; runs and benchmarks record the one in force.
+PASSIVE_WAIT_COMMANDS = (("train",), ("demo",), ("data", "convert"), ("bench", "loader"))
+
+
+def choose_omp_wait_policy(argv: list[str]) -> None:
+    if any(tuple(argv[:len(command)]) == command for command in PASSIVE_WAIT_COMMANDS):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _train(args) -> int:
@@ -149,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train", help="train DINO from a config file", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Loads configs/default.yaml, then --config, then key=value overrides (with --resume, the\n"
-                    "run's own config.yaml comes right after default.yaml). One run writes to a run folder at a\n"
-                    "time (a second is refused, naming the holder); a new run refuses a folder holding another\n"
+        description="Starts from the defaults (fastdino/config.py; configs/default.yaml lists them), then --config,\n"
+                    "then key=value overrides (with --resume, the run's own config.yaml comes right after the\n"
+                    "defaults). One run writes to a run folder at a time (a second is refused, naming the holder);\n"
+                    "a new run refuses a folder holding another\n"
                     "run's checkpoints or log.jsonl (--resume auto continues it, --overwrite replaces it).\n\n"
                     "Launch: `fastdino train ...` is one process (CPU or one GPU). Several ranks take rank and world\n"
                     "size from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):\n"
@@ -251,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK in the environment says the same.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    choose_omp_wait_policy(argv)
     if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCH_SCRIPTS:  # later arguments belong to the script
         args = argparse.Namespace(func=_bench_script, bench_name=argv[1], bench_args=argv[2:])
     elif argv[:1] == ["eval"] and argv[1:2] and argv[1] in EVAL_COMMANDS:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import logging
+import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -37,10 +39,40 @@ def package_versions() -> dict:
     return versions
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of this rank for a `device` setting (auto | cpu | cuda): cuda:LOCAL_RANK on GPUs,
+    auto taking the GPU where there is one. Raises RuntimeError for cuda without a GPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but no CUDA GPU is available (use device=cpu or device=auto)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
 def device_name(device: torch.device) -> str:
+    """The device in words: `NAME (memory GiB, SMs)` for a GPU, `PROCESSOR CPU (cores, torch threads)`."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores, " \
+           f"{torch.get_num_threads()} torch threads)"
+
+
+def benchmark_context(device: torch.device, command: list[str]) -> dict:
+    """The fields every benchmark row carries, so that a number can be reproduced and compared:
+    device, versions, date (UTC), the exact command, OpenMP's wait policy and the machine's load
+    when the measurement started (other processes skew every CPU timing)."""
+    versions = package_versions()
+    return dict(device=device_name(device), torch=torch.__version__, triton=versions["triton"],
+                xformers=versions["xformers"], deepspeed=versions["deepspeed"], cuda=torch.version.cuda,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command=shlex.join(command), omp_wait_policy=omp_wait_policy(),
+                load_average_1min_at_start=round(os.getloadavg()[0], 2))
+
+
+def omp_wait_policy() -> str:
+    """OpenMP's wait policy in force (fastdino.cli chooses it per command; see there)."""
+    return os.environ.get("OMP_WAIT_POLICY", "default (libgomp: spin, then sleep)")
 
 
 def run_metadata(device: torch.device) -> dict:
@@ -49,6 +81,7 @@ def run_metadata(device: torch.device) -> dict:
         "git_revision": git_revision(),
         "versions": package_versions(),
         "device": device_name(device),
+        "omp_wait_policy": omp_wait_policy(),
         "host": socket.gethostname(),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

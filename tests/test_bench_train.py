@@ -26,9 +26,14 @@ def test_bench_train_tiny_cpu_rows_and_traces(tmp_path):
     tag = "vit_tiny8_d2_B3_2x32+4x16_K1024"
     for variant in ("fastdino", "official"):
         throughput = by_what[(f"train_step/{tag}/{variant}/throughput", "img/s")]
-        assert throughput["value"] > 0 and throughput["batch_size"] == 3 and throughput["precision"] == "fp32"
-        for stage in ("data_wait", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "ema"):
-            assert by_what[(f"train_step/{tag}/{variant}/breakdown/{stage}", "ms")]["value"] >= 0
+        step_ms = by_what[(f"train_step/{tag}/{variant}/step_time", "ms")]["value"]
+        assert throughput["batch_size"] == 3 and throughput["precision"] == "fp32"
+        assert throughput["value"] == pytest.approx(3 * 1000 / step_ms, rel=1e-6)  # one clock, two views
+        stages = {stage: by_what[(f"train_step/{tag}/{variant}/breakdown/{stage}", "ms")]["value"]
+                  for stage in ("data_wait", "teacher_forward", "student_forward", "loss", "backward", "optimizer",
+                                "ema")}
+        # every compute stage was timed (a stage the step skipped would read 0), data_wait may round to 0
+        assert min(v for k, v in stages.items() if k != "data_wait") > 0 and stages["data_wait"] >= 0
         trace = json.loads((traces / f"{tag}_{variant}.json").read_text())
         names = {event.get("name") for event in trace["traceEvents"]}
         assert {"student_forward", "backward", "ema"} <= names
@@ -72,3 +77,32 @@ def test_bench_train_bad_input_is_one_line(args, message, monkeypatch, capsys):
         err = capsys.readouterr().err
     assert code != 0
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_and_trainer_run_the_same_step(tmp_path, monkeypatch):
+    """`fastdino bench train` times fastdino.ssl.DINOMetaArch.train_step, the call the trainer makes
+    every step, built by the same builder: counted on both sides."""
+    import runpy
+
+    import torch
+
+    from fastdino.config import load_config
+    from fastdino.ssl import DINOMetaArch
+    from fastdino.train.trainer import Trainer
+
+    calls = []
+    original = DINOMetaArch.train_step
+
+    def counted(self, *args, **kwargs):
+        calls.append(type(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DINOMetaArch, "train_step", counted)
+    bench = runpy.run_path(str(REPO / "bench" / "bench_train.py"))
+    tiny = [*bench["TINY"][0], "data.path=synthetic", "data.batch_size=2", "device=cpu", "progress=false"]
+    cfg = load_config(None, tiny)
+    step = bench["FastdinoStep"](cfg, torch.device("cpu"))
+    step(next(iter(bench["SyntheticData"](cfg, torch.device("cpu")))), bench["NoStages"]())
+    assert calls == [DINOMetaArch]
+    Trainer(load_config(None, [*tiny, f"output_dir={tmp_path}", "max_steps=2"])).train()
+    assert calls == [DINOMetaArch] * 3

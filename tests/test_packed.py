@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 from fastdino.config import load_config
 from fastdino.models import DINOHead, PackedSequences, attention, vit_tiny
 from fastdino.models.vit import drop_add_residual_subset, drop_path
+from fastdino.parallel import DistEnv, apply_parallelism
 from fastdino.ssl import MultiCropWrapper, build_student_teacher
+from fastdino.ssl.meta_arch import StudentTeacher
 
 attention_module = importlib.import_module("fastdino.models.attention")
 
@@ -249,10 +251,20 @@ def model_config(*overrides):
                               *overrides]).model
 
 
+def wrapped_student_teacher(model_cfg) -> StudentTeacher:
+    """build_student_teacher, then the wrappers of model_cfg applied as training applies them (one process)."""
+    nets = build_student_teacher(model_cfg)
+    runner, teacher = apply_parallelism(nets.student, nets.teacher, DistEnv(0, 1, 0), micro_batch=4,
+                                        bucket_elements=10**6, betas=(0.9, 0.999), clip_grad=3.0,
+                                        activation_checkpointing=model_cfg.activation_checkpointing,
+                                        compile=model_cfg.compile)
+    return StudentTeacher(runner.module, teacher)
+
+
 def test_build_student_teacher_options_keep_the_state_dict_keys():
-    plain = build_student_teacher(model_config("model.packed_crops=false"))
-    fast = build_student_teacher(model_config("model.packed_crops=true", "model.activation_checkpointing=true",
-                                              "model.compile=true"))
+    plain = wrapped_student_teacher(model_config("model.packed_crops=false"))
+    fast = wrapped_student_teacher(model_config("model.packed_crops=true", "model.activation_checkpointing=true",
+                                                "model.compile=true"))
     assert fast.student.packed and not plain.student.packed
     assert fast.student.backbone.activation_checkpointing and not fast.teacher.backbone.activation_checkpointing
     for a, b in ((plain.student, fast.student), (plain.teacher, fast.teacher), (fast.student, fast.teacher)):
@@ -268,8 +280,8 @@ def test_compiled_blocks_match_eager():
     dynamic shapes (the kept subsets change size). Same seed, same draws: eager and compiled
     agree. About 15-30 s on 2 CPU cores."""
     cfg = model_config("model.compile=true", "model.depth=2", "model.drop_path_rate=0.5", "model.attn_backend=sdpa")
-    nets = build_student_teacher(cfg)
-    eager = build_student_teacher(OmegaConf.merge(cfg, {"compile": False})).student
+    nets = wrapped_student_teacher(cfg)
+    eager = wrapped_student_teacher(OmegaConf.merge(cfg, {"compile": False})).student
     eager.load_state_dict(nets.student.state_dict())
     crops = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(3)]
     for step in range(2):  # the second step draws other subset sizes: no recompilation error

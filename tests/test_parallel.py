@@ -284,9 +284,9 @@ NONFINITE_CHILD = textwrap.dedent("""
     from fastdino.ssl.loss import DINOLoss
     from fastdino.train.trainer import NonFiniteLossError, Trainer
     original, calls = DINOLoss.forward, {"n": 0}
-    def poisoned(self, student, teacher, epoch):
+    def poisoned(self, student, teacher, *args, **kwargs):
         calls["n"] += 1
-        loss = original(self, student, teacher, epoch)
+        loss = original(self, student, teacher, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
     DINOLoss.forward = poisoned
     out, args = sys.argv[1], sys.argv[2:]

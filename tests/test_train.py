@@ -71,9 +71,9 @@ def test_nonfinite_loss_names_the_step(tmp_path, digits_betons, monkeypatch):
     original = DINOLoss.forward
     calls = {"n": 0}
 
-    def poisoned(self, student, teacher, epoch):
+    def poisoned(self, student, teacher, *args, **kwargs):
         calls["n"] += 1
-        loss = original(self, student, teacher, epoch)
+        loss = original(self, student, teacher, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(DINOLoss, "forward", poisoned)
@@ -88,7 +88,8 @@ def test_nonfinite_loss_names_the_step(tmp_path, digits_betons, monkeypatch):
     assert list_checkpoints(tmp_path / "deferred" / "checkpoints") == []
     calls["n"] = 0
     summary = Trainer(tiny_config(tmp_path / "skip", train, "max_steps=4", "on_nonfinite_loss=skip")).train()
-    assert summary["steps"] == 4
+    assert summary["steps"] == 4 and summary["skipped_steps"] == [2]
+    assert [r["skipped"] for r in read_log(tmp_path / "skip")] == [False, False, True, False]
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):

@@ -48,13 +48,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, drop_high_variance: bo
 
 
 def eval_device(choice: str = "auto"):
-    """torch.device: CUDA (this rank's LOCAL_RANK under a launcher) unless `choice` is "cpu" or
-    there is no GPU."""
-    import torch
+    """torch.device for --device auto|cpu: CUDA (this rank's LOCAL_RANK under a launcher) where
+    there is a GPU, else the CPU (fastdino.runinfo.resolve_device)."""
+    from fastdino.parallel.distributed import launcher_env
+    from fastdino.runinfo import resolve_device
 
-    if choice == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return resolve_device(choice, launcher_env().local_rank)
 
 
 def read_backbone(args: argparse.Namespace, device):

@@ -52,16 +52,23 @@ class DINOLoss(nn.Module):
     def teacher_temp(self, epoch: int) -> float:
         return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int | None = None, *,
+                teacher_temp: float | None = None) -> torch.Tensor:
         """student_output [ncrops*B, K], teacher_output [n_teacher*B, K] -> loss; updates `center`
-        (with defer_center_update: prepares the update for `commit_center()`)."""
+        (with defer_center_update: prepares the update for `commit_center()`). The teacher
+        temperature is the official per-epoch schedule at `epoch`, or `teacher_temp` as given (the
+        trainer's schedules own it: fastdino.train.schedules); exactly one of the two is given."""
+        if (epoch is None) == (teacher_temp is None):
+            raise TypeError("DINOLoss.forward takes either epoch or teacher_temp")
+        if teacher_temp is None:
+            teacher_temp = self.teacher_temp(epoch)
         if student_output.shape[0] % self.ncrops:
             raise ValueError(f"DINOLoss: {student_output.shape[0]} student rows do not split into {self.ncrops} crops")
         impl = resolve_impl("DINOLoss", self.impl, dino_loss_kernels._dino_loss_fwd_kernel, student_output.device,
                             logger)
         loss_fn = dino_loss_kernels.dino_loss if impl == "triton" else dino_loss_kernels.dino_loss_reference
         loss, teacher_sum = loss_fn(student_output, teacher_output, self.center.view(-1),
-                                    self.student_temp, self.teacher_temp(epoch))
+                                    self.student_temp, teacher_temp)
         self._pending_center = (teacher_sum, teacher_output.shape[0])
         if not self.defer_center_update:
             self.commit_center()

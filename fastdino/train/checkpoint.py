@@ -275,9 +275,11 @@ def remove_interrupted_writes(checkpoint_dir: Path) -> int:
     return freed
 
 
-def save_sharded_checkpoint(checkpoint_dir: Path, step: int, engine, payload: dict, keep: int, rank: int,
+def save_sharded_checkpoint(checkpoint_dir: Path, step: int, write_shards, payload: dict, keep: int, rank: int,
                             barrier) -> Path:
-    """Called by every rank of a DeepSpeed run (see the module docstring). `payload` is used on rank 0."""
+    """Called by every rank of a sharded run (see the module docstring). `write_shards(folder, tag)`
+    writes this rank's shards into folder/tag (the parallel runner's own files); `payload` is used
+    on rank 0."""
     final = checkpoint_dir / f"step_{step:08d}"
     tag = f".tmp-step_{step:08d}"
     staging = checkpoint_dir / tag
@@ -285,7 +287,7 @@ def save_sharded_checkpoint(checkpoint_dir: Path, step: int, engine, payload: di
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+    write_shards(checkpoint_dir, tag)
     atomic_torch_save({"rng": rng_state()}, staging / f"rank_{rank:05d}.pt")
     if rank == 0:
         atomic_torch_save({"version": CHECKPOINT_VERSION, "step": step, "rng": rng_state(), **payload},

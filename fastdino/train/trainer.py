@@ -13,7 +13,6 @@ batch, rank), so a resumed run sees the same batches.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -29,12 +28,12 @@ from tqdm import tqdm
 from fastdino import metrics
 from fastdino._requires import require_ffcv
 from fastdino.config import check_resume_fits
-from fastdino.data.synthetic import SYNTHETIC, SyntheticMultiCrop
+from fastdino.data.synthetic import SYNTHETIC
 from fastdino.eval.knn import extract_features, knn_classify
-from fastdino.parallel import apply_parallelism, barrier, init_distributed, memory_bytes, uses_deepspeed
-from fastdino.runinfo import run_metadata, setup_logging
-from fastdino.ssl import DINOLoss, build_student_teacher, ema_update_
+from fastdino.parallel import barrier, init_distributed, memory_bytes
+from fastdino.runinfo import resolve_device, run_metadata, setup_logging
 from fastdino.train import checkpoint as ckpt
+from fastdino.train.builders import build_dino_step, build_training_loader
 from fastdino.train import run_folder
 from fastdino.train.monitor import collapse_stats, collapse_warnings
 from fastdino.train.schedules import build_schedules
@@ -87,12 +86,6 @@ def json_line(record: dict) -> str:
     return json.dumps(json_safe(record), allow_nan=False) + "\n"
 
 
-def batchnorm_buffers(*modules: torch.nn.Module) -> list[torch.Tensor]:
-    """Running statistics of every batch norm in `modules` (the DINO head's, with model.use_bn_in_head)."""
-    return [buffer for module in modules for m in module.modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for buffer in m.buffers()]
-
-
 def check_data_paths(cfg) -> None:
     """Raises a one-line error (MissingPackageError without FFCV, else fastdino.data.DataError)
     unless data.path is `synthetic` or a readable .beton, and the k-NN files, where set, are
@@ -109,25 +102,6 @@ def check_data_paths(cfg) -> None:
         from fastdino.data.decode import check_beton
 
         check_beton(path, source=key, need_labels=need_labels)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device of this rank: cuda:LOCAL_RANK on GPUs."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but no CUDA GPU is available (use device=cpu or device=auto)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
-
-def uses_bf16(device: torch.device, precision: str) -> bool:
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def autocast_context(device: torch.device, precision: str):
-    if uses_bf16(device, precision):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class Trainer:
@@ -148,7 +122,7 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / run_folder.CHECKPOINT_DIR
         env_device = resolve_device(cfg.device)
         self.dist = init_distributed(env_device, cfg.parallel.timeout_s,
-                                     need_group=uses_deepspeed(cfg.parallel.zero_stage, 1))
+                                     need_group=cfg.parallel.zero_stage > 0)  # ZeRO on one rank needs a group too
         self.is_main = self.dist.is_main
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         self._lock = None
@@ -194,7 +168,7 @@ class Trainer:
             self._check_checkpoint_fits(resume_path, state)
 
         torch.manual_seed(cfg.seed)
-        self.loader = self._build_loader()
+        self.loader = build_training_loader(cfg, self.device, self.dist.rank, self.dist.world_size)
         data = cfg.data
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
@@ -205,27 +179,15 @@ class Trainer:
         full = self.schedules.total_steps
         self.total_steps = min(cfg.max_steps, full) if cfg.max_steps > 0 else full
 
-        nets = build_student_teacher(cfg.model)  # same seed, same weights on every rank
-        # The teacher stays in train mode as in the official code: it only matters for
-        # batch norm in the head (use_bn_in_head), where the teacher uses batch statistics.
-        self.runner, self.teacher = apply_parallelism(nets.student.to(self.device), nets.teacher.to(self.device),
-                                                      cfg, self.dist)
-        self.student = self.runner.module
+        # Same seed, same weights on every rank. Skip mode may drop a step after its forward, so the
+        # step guards batch norm statistics; the error mode needs no copy: the run stops and nothing
+        # computed after the bad step is saved.
+        self.step = build_dino_step(cfg, self.device, self.dist, guard_nonfinite=cfg.on_nonfinite_loss == "skip")
+        self.runner, self.teacher, self.student = self.step.runner, self.step.teacher, self.step.student
+        self.dino_loss = self.step.dino_loss
         if self.dist.world_size > 1:  # independent drop-path masks per rank
             torch.manual_seed(cfg.seed + self.dist.rank)
-        self.ncrops = 2 + data.n_local_crops
-        # The centre moves only once the step is known to count (see train): a non-finite teacher
-        # output would otherwise poison it for good before on_nonfinite_loss=skip drops the step.
-        self.dino_loss = DINOLoss(cfg.model.out_dim, self.ncrops, cfg.dino.warmup_teacher_temp, cfg.dino.teacher_temp,
-                                  cfg.dino.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.dino.student_temp,
-                                  cfg.dino.center_momentum, impl=cfg.dino.loss_impl,
-                                  defer_center_update=True).to(self.device)
-        # Batch norm updates its running statistics in the forward, before a step can be judged:
-        # skip mode copies them first and puts them back when it drops the step. (The error mode
-        # needs no copy: the run stops and nothing computed after the bad step is saved.)
-        self._bn_buffers = batchnorm_buffers(self.student, self.teacher) if cfg.on_nonfinite_loss == "skip" else []
         self.skipped_steps: list[int] = []
-        self.optimizer = self.runner.optimizer
         self.flops_per_image = metrics.flops_per_image_from_config(cfg)
         self.peak_flops = metrics.peak_flops(self.device.type)
         self.start_step = 0
@@ -235,24 +197,6 @@ class Trainer:
         self._stop_signal = 0  # the signal that asked to stop, 0 while none did
         self._first_nonfinite = torch.tensor(NO_STEP, device=self.device)
         self._commit(fresh, overwrite, resume_path)
-
-    def _build_loader(self):
-        """The multi-crop loader of data.path: a .beton (FFCV), or random crops for data.path=synthetic."""
-        data = self.cfg.data
-        # bf16 crops halve the host-to-device copy (CPU decode) and the crops' memory under bf16 autocast
-        dtype = torch.bfloat16 if uses_bf16(self.device, self.cfg.precision) else torch.float32
-        common = dict(n_local_crops=data.n_local_crops, global_size=data.global_size, local_size=data.local_size,
-                      device=str(self.device), seed=self.cfg.seed, rank=self.dist.rank,
-                      world_size=self.dist.world_size, dtype=dtype)
-        if data.path == SYNTHETIC:
-            logger.info("data.path=synthetic: random crops made on %s, no files read (data.decode, data.crops "
-                        "and the augmentations do not apply)", self.device)
-            return SyntheticMultiCrop(data.batch_size, **common)
-        from fastdino.data.loader import multicrop_loader
-
-        return multicrop_loader(data.path, data.batch_size, augment=data.augment, num_workers=data.num_workers,
-                                decode=data.decode, crops=data.crops, order=data.order, os_cache=data.os_cache,
-                                batches_ahead=data.batches_ahead, **common)
 
     # ---- the run folder ----------------------------------------------------------------------------
     def _claim_run_folder(self, fresh: bool, overwrite: bool) -> None:
@@ -316,20 +260,9 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _check_checkpoint_fits(self, path: Path, state: dict) -> None:
-        """Raises CheckpointError unless the checkpoint to resume from fits this launch (same kind of
-        launch, world size and ZeRO stage; config keys that cannot change mid-run unchanged), before
-        the model is built."""
-        sharded = path.is_dir()
-        if sharded != uses_deepspeed(self.cfg.parallel.zero_stage, self.dist.world_size):
-            written = "a DeepSpeed run (a step folder)" if sharded else "a one-process run (a step file)"
-            raise ckpt.CheckpointError(f"checkpoint {path} was written by {written}; resume it with the same "
-                                       f"launch, world size and parallel.zero_stage")
-        layout = state.get("parallel", {"world_size": 1, "zero_stage": 0})
-        here = {"world_size": self.dist.world_size, "zero_stage": self.cfg.parallel.zero_stage}
-        if sharded and layout != here:
-            raise ckpt.CheckpointError(f"checkpoint {path} was written with world size {layout['world_size']} and "
-                                       f"ZeRO stage {layout['zero_stage']}; this run has {here['world_size']} and "
-                                       f"{here['zero_stage']}: resume with the same")
+        """Raises CheckpointError unless the checkpoint to resume from fits this run's config (keys
+        that cannot change mid-run unchanged), before the model is built; its parallel layout is
+        checked by the runner (_load_state)."""
         if "config" in state:
             check_resume_fits(OmegaConf.create(state["config"]), self.cfg, f"checkpoint {path}")
 
@@ -338,20 +271,11 @@ class Trainer:
         if trained != self.steps_per_epoch:  # the schedules are laid out over epochs of this many steps
             raise ckpt.CheckpointError(f"checkpoint {path} was trained on epochs of {trained} steps; data.path="
                                        f"{self.cfg.data.path} makes {self.steps_per_epoch}: resume on the same data")
+        self.runner.check_checkpoint_fits(path, state)  # same launch kind, world size and ZeRO stage
         try:
             self.teacher.load_state_dict(state["teacher"])
             self.dino_loss.load_state_dict(state["dino_loss"])
-            if path.is_dir():
-                loaded, _ = self.runner.engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                               load_optimizer_states=True,
-                                                               load_lr_scheduler_states=False)
-                if loaded is None:
-                    raise RuntimeError("DeepSpeed found no checkpoint files in it")
-                rng = ckpt.load_sharded_rank_state(path, self.dist.rank)["rng"]
-            else:
-                self.student.load_state_dict(state["student"])
-                self.optimizer.load_state_dict(state["optimizer"])
-                rng = state["rng"]
+            rng = self.runner.load(path, state, self.dist.rank)
         except ckpt.CheckpointError:  # the safe DeepSpeed engine's refusals say what is wrong already
             raise
         except (RuntimeError, KeyError, ValueError, AssertionError) as exc:
@@ -365,7 +289,8 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.start_step)
 
     def save(self, step: int) -> Path:
-        """Collective under DeepSpeed: every rank calls it at the same step."""
+        """Collective under DeepSpeed: every rank calls it at the same step (the runner writes its
+        own layout: a step file, or a folder of shards)."""
         payload = {
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict(),
@@ -374,13 +299,7 @@ class Trainer:
             "knn_history": self.knn_history,
             "steps_per_epoch": self.steps_per_epoch,
         }
-        if self.runner.uses_deepspeed:
-            payload["parallel"] = {"world_size": self.dist.world_size, "zero_stage": self.cfg.parallel.zero_stage}
-            path = ckpt.save_sharded_checkpoint(self.checkpoint_dir, step, self.runner.engine, payload,
-                                                self.cfg.keep_checkpoints, self.dist.rank, barrier)
-        else:
-            payload["optimizer"] = self.optimizer.state_dict()
-            path = ckpt.save_checkpoint(self.checkpoint_dir, step, payload, self.cfg.keep_checkpoints)
+        path = self.runner.save(self.checkpoint_dir, step, payload, self.cfg.keep_checkpoints, self.dist.rank, barrier)
         logger.info("checkpoint %s", path)
         return path
 
@@ -459,30 +378,26 @@ class Trainer:
                 data_wait += time.perf_counter() - fetch_start
                 values = self._apply_schedules(step)
                 epoch = values["epoch"]
-                bn_before = [b.clone() for b in self._bn_buffers]
-                with autocast_context(self.device, cfg.precision):
-                    with torch.no_grad():
-                        teacher_output, teacher_features = self.teacher(crops[:2], return_backbone=True)
-                    student_output = self.runner(crops)
-                    loss = self.dino_loss(student_output, teacher_output, epoch)
-                # The one place a step is decided. Nothing it changes for good has moved yet (centre,
-                # weights, optimizer, teacher) except batch norm statistics, copied above.
-                if cfg.on_nonfinite_loss == "skip":  # deciding whether to update needs the answer now: a host sync
+                stop = 0
+
+                def accept(loss: torch.Tensor) -> bool:
+                    """The one place a step is decided, before anything it changes for good (centre,
+                    weights, optimizer, teacher) has moved. Deciding needs the answer now: a host sync."""
+                    nonlocal stop
                     nonfinite, stop = self._check_step(loss)
-                else:
-                    self._note_nonfinite(loss, step)
-                    nonfinite, stop = False, 0
+                    return not nonfinite
+
+                # forward, loss, centre, backward; then clipping per parameter, the last-layer freeze,
+                # AdamW, and the EMA teacher (fastdino.ssl.DINOMetaArch)
+                out = self.step.train_step(crops, values["teacher_temp"], values["momentum"],
+                                           accept=accept if cfg.on_nonfinite_loss == "skip" else None)
+                loss, student_output, teacher_output = out.loss, out.student_output, out.teacher_output
+                nonfinite = not out.accepted
                 if nonfinite:
                     logger.warning("%s: skipping this step's update", self._nonfinite_message(step))
-                    for buffer, saved in zip(self._bn_buffers, bn_before):
-                        buffer.copy_(saved)
-                    self.runner.zero_grad()
                     self.skipped_steps.append(step)
-                else:
-                    self.dino_loss.commit_center()
-                    self.runner.backward(loss)
-                    self.runner.step()  # clip per parameter, freeze the last layer, AdamW, clear gradients
-                    ema_update_(self.teacher, self.student, values["momentum"], impl=cfg.dino.ema_impl)
+                elif cfg.on_nonfinite_loss != "skip":
+                    self._note_nonfinite(loss, step)
                 images_since_log += crops[0].shape[0] * self.dist.world_size
                 done = step + 1
                 progress.update(1)
@@ -500,7 +415,7 @@ class Trainer:
                     elapsed = time.perf_counter() - time_since_log
                     img_per_s = images_since_log / max(elapsed, 1e-9)
                     stats = collapse_stats(student_output.detach(), teacher_output.detach(), self.dino_loss.center,
-                                           cfg.dino.student_temp, values["teacher_temp"], teacher_features)
+                                           cfg.dino.student_temp, values["teacher_temp"], out.teacher_features)
                     warnings = collapse_warnings(stats, cfg.monitor)
                     model_mfu = metrics.mfu(img_per_s, self.flops_per_image, self.peak_flops)
                     last_record = json_safe({
