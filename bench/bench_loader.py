@@ -7,7 +7,7 @@
     (c) gpu       fastdino.data.multicrop_loader on a CUDA GPU (nvJPEG decode + batched tensor crops, bf16),
                   where a GPU is present
     (d) gpu-bytes what (c) does after FFCV's reader, without FFCV (for GPU hosts that cannot build it):
-                  NvJpegDecoder + fastdino.data.multicrop.multicrop on batches of JPEG bytes held in
+                  NvJpegDecoder + fastdino.data.multicrop.TorchMultiCrop on batches of JPEG bytes held in
                   memory, ImageNet-like (500 x 375 px, quality 90); also the decode alone. Run only
                   when asked for (--only gpu-bytes), as no FFCV page reading is in it.
 
@@ -213,7 +213,7 @@ def run_fastdino(loader) -> int:
     done = 0
     for crops, _labels in loader:
         done += crops[0].shape[0]
-        assert len(crops) == 2 + loader.crop_args["n_local_crops"]
+        assert len(crops) == 2 + loader.recipe.n_local_crops
     if loader.device.type == "cuda":
         torch.cuda.synchronize()
     return done
@@ -224,21 +224,22 @@ def gpu_bytes_runs(args) -> dict:
     """{label: run} for NvJpegDecoder + multicrop over in-memory JPEG batches, and the decode alone;
     each run is one pass over all images, synchronised at its end."""
     from fastdino.data.gpu_decode import NvJpegDecoder, jpeg_rows
-    from fastdino.data.multicrop import multicrop
+    from fastdino.data.multicrop import TorchMultiCrop
+    from fastdino.data.recipe import ViewRecipe
 
     blobs, shapes = imagenet_like_jpegs(args.images)
     batches = [jpeg_rows(blobs[i:i + args.batch_size], shapes[i:i + args.batch_size])
                for i in range(0, len(blobs), args.batch_size)]
     decoder = NvJpegDecoder("cuda", cpu_threads=args.workers)
+    multicrop = TorchMultiCrop(ViewRecipe(args.local_crops, args.global_size, args.local_size), device="cuda",
+                               dtype=torch.bfloat16)
 
     def run(crops: bool) -> int:
         done = 0
         for index, (rows, sizes) in enumerate(batches):
             canvases = decoder(rows, sizes)
             if crops:
-                views = multicrop(canvases, sizes[:, :2], torch.Generator().manual_seed(index),
-                                  n_local_crops=args.local_crops, global_size=args.global_size,
-                                  local_size=args.local_size, device="cuda", dtype=torch.bfloat16)
+                views = multicrop(canvases, sizes[:, :2], torch.Generator().manual_seed(index))
                 assert len(views) == 2 + args.local_crops
             done += len(sizes)
         torch.cuda.synchronize()

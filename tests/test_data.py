@@ -4,6 +4,7 @@ One small folder of photo crops (variable sizes, odd modes, bad files) is conver
 once per module; FFCV's JIT cost is paid once per process.
 """
 import colorsys
+import dataclasses
 import json
 import queue
 import struct
@@ -24,8 +25,12 @@ from fastdino.cli import main as fastdino_main
 from fastdino.data import DataError, convert_folder, eval_loader, multicrop_loader
 from fastdino.data.convert import load_rgb
 from fastdino.data import multicrop as mc
+from fastdino.data import pixels as px
+from fastdino.data import recipe as rc
 from fastdino.data.decode import BetonImages, _wait_for_batch
-from fastdino.data.loader import epoch_order, seeded_generator
+from fastdino.data.loader import epoch_order
+from fastdino.data.recipe import seeded_generator
+from fastdino.data.resample import resize
 from fastdino.data.sample_data import sample_photos, write_digits_folders
 
 PHOTOS = sample_photos()
@@ -277,7 +282,7 @@ def test_crop_boxes_torchvision_ranges():
     heights = torch.randint(100, 400, (n,), generator=generator)
     widths = torch.randint(100, 400, (n,), generator=generator)
     scale, ratio = (0.05, 0.4), (3 / 4, 4 / 3)
-    top, left, h, w = mc.sample_crop_boxes(heights, widths, scale, ratio, generator).unbind(1)
+    top, left, h, w = rc.sample_crop_boxes(heights, widths, scale, ratio, generator).unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
     assert (top + h <= heights).all() and (left + w <= widths).all()
     # w and h are rounded sides of a box whose area and ratio are in range
@@ -289,18 +294,21 @@ def test_crop_boxes_torchvision_ranges():
     assert abs(area.mean().item() - sum(scale) / 2) < 0.01  # area fractions are uniform in the range
     assert abs(((top + 0.5) / (heights - h + 1)).mean().item() - 0.5) < 0.01  # positions are uniform too
     # no box fits a 2 x 300 strip: the fallback is its central crop at the widest allowed ratio
-    box = mc.sample_crop_boxes(torch.tensor([2]), torch.tensor([300]), scale, ratio, generator)
+    box = rc.sample_crop_boxes(torch.tensor([2]), torch.tensor([300]), scale, ratio, generator)
     assert box.tolist() == [[0, 148, 2, 3]]
-    box = mc.sample_crop_boxes(torch.tensor([300]), torch.tensor([2]), (0.9, 1.0), ratio, generator)
+    box = rc.sample_crop_boxes(torch.tensor([300]), torch.tensor([2]), (0.9, 1.0), ratio, generator)
     assert box.tolist() == [[148, 0, 3, 2]]
 
 
 def test_view_draws_statistics():
-    params = mc.AugmentParams()
+    recipe = rc.ViewRecipe(n_local_crops=1)
     n = 20000
     sizes = torch.tensor([[64, 80]]).expand(n, 2)
-    for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2), (0.5, 0.0)):
-        draws = mc.draw_view(sizes, params.global_scale, blur_p, solarize_p, params, torch.Generator().manual_seed(1))
+    # global crop 1, global crop 2, a local crop: the official blur and solarize probabilities
+    assert [(view.blur_p, view.solarize_p) for view in recipe.views] == [(1.0, 0.0), (0.1, 0.2), (0.5, 0.0)]
+    for view in recipe.views:
+        blur_p, solarize_p = view.blur_p, view.solarize_p
+        draws = rc.draw_view(sizes, view, recipe.augment, torch.Generator().manual_seed(1))
         for mask, p in ((draws.flip, 0.5), (draws.jitter, 0.8), (draws.grayscale, 0.2), (draws.blur, blur_p),
                         (draws.solarize, solarize_p)):
             assert abs(mask.float().mean().item() - p) < 0.015
@@ -315,14 +323,19 @@ def test_view_draws_statistics():
         assert 0.1 <= draws.blur_sigma.min() and draws.blur_sigma.max() <= 2.0
 
 
-def test_augment_overrides():
-    assert mc.augment_params(None) == mc.AugmentParams()
+def test_recipe_settings_and_overrides():
+    defaults = rc.augment_config(None)  # the config's data.augment defaults, with tuples
+    assert defaults.ratio == pytest.approx((3 / 4, 4 / 3)) and defaults.blur_p == (1.0, 0.1, 0.5)
     config = OmegaConf.create({"flip_p": 0.0, "blur_p": [0.0, 0.0, 0.0]})
-    assert mc.augment_params(config) == mc.AugmentParams(flip_p=0.0, blur_p=(0.0, 0.0, 0.0))
-    default_yaml = OmegaConf.load(Path(__file__).parents[1] / "configs" / "default.yaml").data.augment
-    assert mc.augment_params(default_yaml).ratio == pytest.approx(mc.AugmentParams().ratio)
+    assert rc.augment_config(config) == dataclasses.replace(defaults, flip_p=0.0, blur_p=(0.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="unknown augment keys"):
-        mc.augment_params({"flip": 0.5})
+        rc.augment_config({"flip": 0.5})
+    recipe = rc.ViewRecipe(2, 64, 32, config)
+    assert recipe.augment == rc.augment_config(config)
+    assert [(view.size, view.scale, view.blur_p) for view in recipe.views] == [
+        (64, defaults.global_scale, 0.0)] * 2 + [(32, defaults.local_scale, 0.0)] * 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.n_local_crops = 3
 
 
 # ---------------------------------------------------------------- pixel ops against PIL
@@ -340,14 +353,14 @@ def as_uint8(x):
 def test_flip_grayscale_solarize_match_pil(chelsea):
     pil, x = chelsea
     assert (as_uint8(x.flip(-1)) == np.asarray(ImageOps.mirror(pil))).all()
-    assert (as_uint8(mc.grayscale(x).expand(-1, 3, -1, -1)) == np.asarray(pil.convert("L").convert("RGB"))).all()
-    assert (as_uint8(mc.solarize(x)) == np.asarray(ImageOps.solarize(pil, 128))).all()
+    assert (as_uint8(px.grayscale(x).expand(-1, 3, -1, -1)) == np.asarray(pil.convert("L").convert("RGB"))).all()
+    assert (as_uint8(px.solarize(x)) == np.asarray(ImageOps.solarize(pil, 128))).all()
 
 
 def test_resized_crop_matches_pil(chelsea):
     pil, x = chelsea
     top, left, h, w = 20, 30, 100, 130
-    ours = mc.resize(x[..., top: top + h, left: left + w] * 255, (48, 48)).clamp(0, 255) / 255
+    ours = resize(x[..., top: top + h, left: left + w] * 255, (48, 48)).clamp(0, 255) / 255
     reference = np.asarray(pil.crop((left, top, left + w, top + h)).resize((48, 48), Image.Resampling.BICUBIC))
     assert np.abs(as_uint8(ours) - reference).max() <= 1
 
@@ -355,17 +368,17 @@ def test_resized_crop_matches_pil(chelsea):
 def test_blur_matches_pil_gaussian_blur(chelsea):
     pil, x = chelsea
     for sigma in (0.1, 0.7, 1.3, 2.0):
-        ours = as_uint8(mc.gaussian_blur(x, torch.tensor([sigma])))
+        ours = as_uint8(px.gaussian_blur(x, torch.tensor([sigma])))
         difference = np.abs(ours - np.asarray(pil.filter(ImageFilter.GaussianBlur(sigma))))
         assert difference.max() <= 3 and difference.mean() < 0.6, sigma  # PIL rounds after each pass
-    both = mc.gaussian_blur(torch.cat([x, x]), torch.tensor([0.3, 2.0]))  # one batch, two kernel widths
-    assert torch.allclose(both[1:], mc.gaussian_blur(x, torch.tensor([2.0])), atol=1e-5)
+    both = px.gaussian_blur(torch.cat([x, x]), torch.tensor([0.3, 2.0]))  # one batch, two kernel widths
+    assert torch.allclose(both[1:], px.gaussian_blur(x, torch.tensor([2.0])), atol=1e-5)
 
 
 def test_color_jitter_matches_pil_and_colorsys(chelsea):
     pil, x = chelsea
-    for op, enhancer in ((mc.adjust_brightness, ImageEnhance.Brightness), (mc.adjust_contrast, ImageEnhance.Contrast),
-                         (mc.adjust_saturation, ImageEnhance.Color)):
+    for op, enhancer in ((px.adjust_brightness, ImageEnhance.Brightness), (px.adjust_contrast, ImageEnhance.Contrast),
+                         (px.adjust_saturation, ImageEnhance.Color)):
         for factor in (0.6, 1.3):
             ours = as_uint8(op(x, torch.tensor([factor])))
             assert np.abs(ours - np.asarray(enhancer(pil).enhance(factor))).max() <= 1
@@ -373,7 +386,7 @@ def test_color_jitter_matches_pil_and_colorsys(chelsea):
     for shift in (-0.1, 0.04, 0.5):
         reference = [colorsys.hsv_to_rgb((hsv[0] + shift) % 1, hsv[1], hsv[2])
                      for hsv in (colorsys.rgb_to_hsv(*p) for p in pixels)]
-        ours = mc.adjust_hue(torch.tensor(pixels.T[None, :, :, None], dtype=torch.float32), torch.tensor([shift]))
+        ours = px.adjust_hue(torch.tensor(pixels.T[None, :, :, None], dtype=torch.float32), torch.tensor([shift]))
         assert np.allclose(ours[0, :, :, 0].numpy().T, reference, atol=1e-5)
 
 
@@ -393,11 +406,11 @@ def test_multicrop_views_and_determinism(decoded):
     half = mc.multicrop(canvases, sizes, torch.Generator().manual_seed(3), dtype=torch.bfloat16, **options)
     assert half[0].dtype == torch.bfloat16 and torch.allclose(half[0].float(), views[0], atol=0.05)
     # nothing random switched on: global crop 1 of the whole image is the normalised resize
-    plain = mc.AugmentParams(global_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0, color_jitter_p=0,
-                             grayscale_p=0, blur_p=(0, 0, 0))
+    plain = rc.augment_config(dict(global_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0, color_jitter_p=0,
+                                   grayscale_p=0, blur_p=(0, 0, 0)))
     square = canvases[2:3, :50, :50].contiguous()  # image 2 of the file order is 50 x 50
     view = mc.multicrop(square, torch.tensor([[50, 50]]), torch.Generator(), n_local_crops=0, global_size=50,
-                        params=plain)[0]
+                        augment=plain)[0]
     mean, std = torch.tensor(plain.mean).view(1, 3, 1, 1), torch.tensor(plain.std).view(1, 3, 1, 1)
     assert torch.allclose(view * std + mean, square.permute(0, 3, 1, 2) / 255, atol=1e-5)
 
@@ -527,6 +540,6 @@ def test_eval_loader(converted, decoded):
     # torchvision's Resize(36) + CenterCrop(32) in PIL, on the decoded pixels
     image = Image.fromarray(decoded[10][0])  # 45 x 80 (h x w) -> 36 x 64 -> 32 x 32 at (2, 16)
     reference = np.asarray(image.resize((64, 36), Image.Resampling.BICUBIC).crop((16, 2, 48, 34)))
-    mean, std = torch.tensor(mc.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(mc.IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(px.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(px.IMAGENET_STD).view(3, 1, 1)
     difference = np.abs(as_uint8((batches[0][0][1] * std + mean)[None]) - reference)
     assert difference.max() <= 2 and difference.mean() < 0.3

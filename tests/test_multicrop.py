@@ -6,9 +6,11 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from fastdino.data import cpu_crops as cc
-from fastdino.data import multicrop as mc
 from fastdino.data.cpu_crops import CpuMultiCrop
 from fastdino.data.loader import pick_paths
+from fastdino.data.multicrop import TorchMultiCrop
+from fastdino.data.recipe import ViewRecipe
+from fastdino.data.resample import resized_crops_matmul
 from fastdino.data.sample_data import sample_photos
 
 PHOTOS = sample_photos()
@@ -74,7 +76,7 @@ def test_batched_matmul_resize_matches_pil(chelsea):
     canvas[1] = 255
     boxes = [(20, 30, 100, 130), (5, 7, 30, 20), (0, 0, 150, 226)]
     views = torch.tensor([[box, (0, 0, 10, 10)] for box in boxes])  # [V, B, 4]
-    out = mc.resized_crops_matmul(canvas, views, 48)
+    out = resized_crops_matmul(canvas, views, 48)
     assert out.shape == (6, 3, 48, 48)
     for v, (top, left, h, w) in enumerate(boxes):
         reference = pil.crop((left, top, left + w, top + h)).resize((48, 48), Image.Resampling.BICUBIC)
@@ -85,14 +87,14 @@ def test_batched_matmul_resize_matches_pil(chelsea):
 
 def test_paths_draw_the_same_choices_and_agree(batch):
     canvases, sizes = batch
-    options = dict(n_local_crops=3, global_size=64, local_size=32)
+    recipe = ViewRecipe(n_local_crops=3, global_size=64, local_size=32)
     generators = [torch.Generator().manual_seed(5) for _ in range(3)]
-    opencv = CpuMultiCrop(2)(canvases, sizes, generators[0], **options)
-    per_crop = mc.multicrop(canvases, sizes, generators[1], **options)
-    batched = mc.multicrop(canvases, sizes, generators[2], batched_resize=True, **options)
+    opencv = CpuMultiCrop(recipe)(canvases, sizes, generators[0])
+    per_crop = TorchMultiCrop(recipe)(canvases, sizes, generators[1])
+    batched = TorchMultiCrop(recipe, batched_resize=True)(canvases, sizes, generators[2])
     # every path draws the same numbers in the same order, so the next batch's draws agree too
     assert all(torch.equal(g.get_state(), generators[0].get_state()) for g in generators[1:])
-    std = torch.tensor(mc.IMAGENET_STD).view(1, 3, 1, 1)
+    std = torch.tensor(recipe.augment.std).view(1, 3, 1, 1)
     for a, b, c in zip(opencv, per_crop, batched):
         assert a.shape == b.shape == c.shape and a.dtype == torch.float32
         assert torch.allclose(c, b, atol=1e-3)  # the same float maths, resampled by matmuls
@@ -102,32 +104,32 @@ def test_paths_draw_the_same_choices_and_agree(batch):
 
 def test_opencv_path_seeded_and_typed(batch):
     canvases, sizes = batch
-    crops = CpuMultiCrop(2)
-    first = crops(canvases, sizes, torch.Generator().manual_seed(1), n_local_crops=2, global_size=40, local_size=24)
-    again = crops(canvases, sizes, torch.Generator().manual_seed(1), n_local_crops=2, global_size=40, local_size=24,
-                  dtype=torch.bfloat16)
+    recipe = ViewRecipe(n_local_crops=2, global_size=40, local_size=24)
+    crops, half = CpuMultiCrop(recipe), CpuMultiCrop(recipe, dtype=torch.bfloat16)
+    first = crops(canvases, sizes, torch.Generator().manual_seed(1))
+    again = half(canvases, sizes, torch.Generator().manual_seed(1))
     assert [tuple(v.shape) for v in first] == [(3, 3, 40, 40)] * 2 + [(3, 3, 24, 24)] * 2
     assert all(b.dtype == torch.bfloat16 and torch.allclose(b.float(), a, atol=0.05) for a, b in zip(first, again))
-    other = crops(canvases, sizes, torch.Generator().manual_seed(2), n_local_crops=2, global_size=40, local_size=24)
+    other = crops(canvases, sizes, torch.Generator().manual_seed(2))
     assert not torch.equal(first[0], other[0])
-    crops.close()
+    crops.close(), half.close()
 
 
 def test_opencv_path_reuses_outputs_only_once_released(batch):
     canvases, sizes = batch
-    crops, fresh = CpuMultiCrop(2), CpuMultiCrop(1)
-    options = dict(n_local_crops=1, global_size=40, local_size=24)
-    first = crops(canvases, sizes, torch.Generator().manual_seed(1), **options)
+    recipe = ViewRecipe(n_local_crops=1, global_size=40, local_size=24)
+    crops, fresh = CpuMultiCrop(recipe, threads=2), CpuMultiCrop(recipe, threads=1)
+    first = crops(canvases, sizes, torch.Generator().manual_seed(1))
     kept = first[0][1:]  # a view keeps the batch's memory in use after its tensors are gone
     snapshot = kept.clone()
     del first
-    second = crops(canvases, sizes, torch.Generator().manual_seed(2), **options)
+    second = crops(canvases, sizes, torch.Generator().manual_seed(2))
     assert torch.equal(kept, snapshot)
     released = {view.data_ptr() for view in second}
     del second, kept
-    third = crops(canvases, sizes, torch.Generator().manual_seed(3), **options)
+    third = crops(canvases, sizes, torch.Generator().manual_seed(3))
     assert {view.data_ptr() for view in third} == released
-    expected = fresh(canvases, sizes, torch.Generator().manual_seed(3), **options)
+    expected = fresh(canvases, sizes, torch.Generator().manual_seed(3))
     assert all(torch.equal(a, b) for a, b in zip(third, expected))
     crops.close(), fresh.close()
 

@@ -1,6 +1,6 @@
 """Data: image folders -> FFCV .beton files -> decoded batches -> DINO multi-crop views.
 
-Names are imported on first use (PEP 562), so that `fastdino.data.multicrop`,
+Names are imported on first use (PEP 562), so that `fastdino.data.recipe`, `fastdino.data.multicrop`,
 `fastdino.data.gpu_decode` and `fastdino.data.synthetic` work where FFCV (a compiled
 extension some GPU hosts cannot build) is missing; only the .beton readers and the
 converter need it, and they say so in one line (`fastdino._requires`).
@@ -13,7 +13,7 @@ _EXPORTS = {
     "multicrop_loader": "fastdino.data.loader", "MultiCropLoader": "fastdino.data.loader",
     "eval_loader": "fastdino.data.loader", "EvalLoader": "fastdino.data.loader",
     "convert_folder": "fastdino.data.convert", "DataError": "fastdino.data.convert",
-    "AugmentParams": "fastdino.data.multicrop", "SyntheticMultiCrop": "fastdino.data.synthetic",
+    "ViewRecipe": "fastdino.data.recipe", "SyntheticMultiCrop": "fastdino.data.synthetic",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,14 +1,15 @@
 """DINO multi-crop on the CPU in uint8, as the official PIL pipeline computes it, but faster.
 
-Each crop goes through RandomResizedCrop (torch's antialiased bicubic on uint8,
-PIL's filter), then OpenCV in uint8 for flip, colour jitter, grayscale, blur and
-solarize, exactly the order and choices of `multicrop.draw_views`. OpenCV and
-torch release the GIL, so a small thread pool works on several images at once;
-uint8 images are 4x smaller than float ones and the official pipeline rounds to
-uint8 between steps too. Each thread works in its own reused buffers (in-place
-OpenCV ops), and a batch's float outputs reuse an earlier batch's arrays once no
-tensor holds them: fresh allocations cost page faults, ~10% of the time here.
-multicrop.py's float tensor code is this path's reference (and the GPU path).
+The OpenCV backend of the view recipe (recipe.py). Each crop goes through
+RandomResizedCrop (torch's antialiased bicubic on uint8, PIL's filter), then OpenCV
+in uint8 for flip, colour jitter, grayscale, blur and solarize, exactly the order
+and choices of `ViewRecipe.draw`. OpenCV and torch release the GIL, so a small
+thread pool works on several images at once; uint8 images are 4x smaller than
+float ones and the official pipeline rounds to uint8 between steps too. Each
+thread works in its own reused buffers (in-place OpenCV ops), and a batch's float
+outputs reuse an earlier batch's arrays once no tensor holds them: fresh
+allocations cost page faults, ~10% of the time here.
+multicrop.py's float tensor code (the torch backend) is this path's reference.
 """
 import dataclasses
 import math
@@ -20,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from fastdino.data.multicrop import ViewDraws, augment_params, draw_views, view_specs
+from fastdino.data.recipe import ViewDraws
 
 SOLARIZE_TABLE = np.where(np.arange(256) >= 128, 255 - np.arange(256), np.arange(256)).astype(np.uint8)
 
@@ -103,7 +104,7 @@ JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 def three_pass_kernel(sigma):
     """PIL's GaussianBlur(radius=sigma) is three passes of one extended box (see
-    multicrop.pil_box_blur_kernels): here the box convolved with itself, one 1-D kernel."""
+    pixels.pil_box_blur_kernels): here the box convolved with itself, one 1-D kernel."""
     var = sigma ** 2 / 3
     l = math.floor((math.sqrt(12 * var + 1) - 1) / 2)
     a = (2 * l + 1) * (l * (l + 1) - 3 * var) / (6 * (var - (l + 1) ** 2))
@@ -159,28 +160,25 @@ def reference_counts(arrays):
 
 
 class CpuMultiCrop:
-    """multicrop.multicrop's contract on the CPU: the same draws, uint8 OpenCV pixel work in `threads` threads."""
+    """multicrop.TorchMultiCrop's contract on the CPU: the views of `recipe` from the same draws, uint8
+    OpenCV pixel work in `threads` threads, `dtype` outputs; call with (canvases, sizes, generator)."""
 
-    def __init__(self, threads=2):
+    def __init__(self, recipe, *, threads=2, dtype=torch.float32):
+        self.recipe, self.dtype = recipe, dtype
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="fastdino-crops")
         self.scratch = Scratch()
         self.outputs = []  # (float32 arrays, their reference counts when nothing but this list held them)
+        # (x / 255 - mean) / std = x * scale + shift, per channel
+        self.scales = [1 / (255 * s) for s in recipe.augment.std]
+        self.shifts = [-m / s for m, s in zip(recipe.augment.mean, recipe.augment.std)]
 
-    def __call__(self, canvases, sizes, generator, *, n_local_crops=8, global_size=224, local_size=96, params=None,
-                 dtype=torch.float32):
-        params = augment_params(params)
-        specs = view_specs(n_local_crops, global_size, local_size, params)
-        draws = draw_views(sizes, generator, n_local_crops=n_local_crops, global_size=global_size,
-                           local_size=local_size, params=params)
+    def __call__(self, canvases, sizes, generator):
+        draws = self.recipe.draw(sizes, generator)
         batch = len(sizes)
-        views = self.output_arrays([(batch, 3, size, size) for size, *_ in specs])
+        views = self.output_arrays([(batch, 3, view.size, view.size) for view in self.recipe.views])
         canvases = canvases.numpy()
         draws = [ViewDraws(**{f.name: getattr(d, f.name).tolist() for f in dataclasses.fields(d)}) for d in draws]
-        strengths = (params.brightness, params.contrast, params.saturation, params.hue)
-        # (x / 255 - mean) / std = x * scale + shift, per channel
-        scales = [1 / (255 * s) for s in params.std]
-        shifts = [-m / s for m, s in zip(params.mean, params.std)]
-        scratch = self.scratch
+        strengths, scales, shifts, scratch = self.recipe.jitter_strengths, self.scales, self.shifts, self.scratch
 
         def crop_image(i, height, width):
             image = canvases[i, :height, :width]
@@ -194,7 +192,7 @@ class CpuMultiCrop:
                                     dtype=cv2.CV_32F)
 
         list(self.pool.map(crop_image, range(batch), *zip(*sizes.tolist())))
-        return [torch.from_numpy(view).to(dtype) for view in views]
+        return [torch.from_numpy(view).to(self.dtype) for view in views]
 
     def output_arrays(self, shapes):
         """Float32 arrays of `shapes` for a batch's views: an earlier batch's once no tensor (or view of

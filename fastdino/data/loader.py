@@ -1,4 +1,5 @@
-"""Training and evaluation loaders over a .beton: sample order, seeding, and which decode and crop code runs.
+"""Training and evaluation loaders over a .beton: sample order, seeding, which decode and crop code runs,
+and the evaluation view (centre crop).
 
 An epoch's order is one seeded permutation of the whole file, cut into a strided
 shard per rank (as torch's DistributedSampler), so ranks see disjoint images and
@@ -7,7 +8,8 @@ pages and images within small groups of pages instead, and gives each rank a
 contiguous part, so a rank reads few pages (for data sets larger than RAM).
 Batch b of epoch e on rank r is augmented with a torch.Generator seeded from
 (seed, e, b, r) alone, so a batch is the same whether its epoch ran from the
-start or resumed at b, and whichever device or code path computes its pixels.
+start or resumed at b, and whichever device or code path computes its pixels. The crop
+settings become one ViewRecipe (recipe.py) when a loader is made, shared by its batches.
 """
 import logging
 import math
@@ -18,17 +20,14 @@ import torch
 from fastdino.data.cpu_crops import CpuMultiCrop
 from fastdino.data.decode import BetonImages
 from fastdino.data.gpu_decode import NvJpegDecoder, nvimgcodec_status
-from fastdino.data.multicrop import augment_params, center_crops, multicrop
+from fastdino.data.multicrop import TorchMultiCrop
+from fastdino.data.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize
+from fastdino.data.recipe import ViewRecipe, seeded_generator
+from fastdino.data.resample import resize
 
 logger = logging.getLogger(__name__)
 ORDERS = ("random", "quasi_random")
 PAGES_PER_SHUFFLE_GROUP = 8  # quasi-random: images mix within groups of this many storage pages
-
-
-def seeded_generator(*keys):
-    """A CPU torch.Generator whose stream is a function of the non-negative ints `keys` alone."""
-    state = np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
 
 
 def epoch_order(num_images, batch_size, *, seed, epoch, rank, world_size, drop_last=True, pages=None):
@@ -95,7 +94,9 @@ class MultiCropLoader:
     """Batches of DINO multi-crop views: iterate for `(crops, labels)` of the current epoch.
 
     crops: [global1, global2, local1, ..., localN], each [B, 3, size, size] on `device`;
-    labels: long [B] (-1 for unlabelled images).
+    labels: long [B] (-1 for unlabelled images). n_local_crops, global_size, local_size and
+    augment (a fastdino.config.AugmentConfig, overrides of some of its keys, or None for the
+    defaults) make the loader's `recipe` (recipe.ViewRecipe), fixed from then on.
 
     device: where the crops go ('cpu', 'cuda[:i]' or 'auto'); decode: 'auto' (nvJPEG
     on a GPU where it decodes a probe JPEG on the device, else the CPU), 'nvjpeg' or 'cpu'; crops:
@@ -118,10 +119,12 @@ class MultiCropLoader:
         self.batch_size, self.drop_last, self.order = batch_size, drop_last, order
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device, self.decode, self.crops = device, decode, crops
-        self.crop_args = dict(n_local_crops=n_local_crops, global_size=global_size, local_size=local_size,
-                              params=augment_params(augment), dtype=dtype)
+        self.recipe = ViewRecipe(n_local_crops, global_size, local_size, augment)
         self.gpu_decoder = NvJpegDecoder(device, num_workers) if decode == "nvjpeg" else None
-        self.cpu_crops = CpuMultiCrop(num_workers) if crops == "opencv" else None
+        if crops == "opencv":
+            self.make_views = CpuMultiCrop(self.recipe, threads=num_workers, dtype=dtype)
+        else:
+            self.make_views = TorchMultiCrop(self.recipe, device=device, dtype=dtype)
         self.epoch = 0
         if len(self) == 0:
             raise ValueError(f"{beton_path}: {self.num_images} images make no full batch of {batch_size} "
@@ -152,16 +155,33 @@ class MultiCropLoader:
             generator = seeded_generator(self.seed, epoch, batch_index, self.rank)
             if self.gpu_decoder is not None:
                 canvases, sizes = self.gpu_decoder(canvases, sizes), sizes[:, :2]
-            if self.cpu_crops is not None:
-                crops = self.cpu_crops(canvases, sizes, generator, **self.crop_args)
-            else:
-                crops = multicrop(canvases, sizes, generator, device=self.device, **self.crop_args)
-            yield crops, labels.to(self.device, non_blocking=True)
+            yield self.make_views(canvases, sizes, generator), labels.to(self.device, non_blocking=True)
 
     def _order(self, epoch):
         return epoch_order(self.num_images, self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
                            world_size=self.world_size, drop_last=self.drop_last,
                            pages=self.images.pages if self.order == "quasi_random" else None)
+
+
+def center_crops(canvases, sizes, size, device="cpu", dtype=torch.float32):
+    """The evaluation view: short side resized to size * 256 / 224 (bicubic, antialiased), central
+    size x size crop, ImageNet normalisation, as torchvision's Resize(256) + CenterCrop(224).
+
+    canvases: uint8 [B, max_h, max_w, 3] with image i in its top-left sizes[i] = (h, w); sizes:
+    long [B, 2] on the CPU. Returns `dtype` [B, 3, size, size] on `device`.
+    """
+    canvases = canvases.to(device, non_blocking=True)
+    out = canvases.new_empty((len(sizes), 3, size, size), dtype=torch.float32)
+    short_side = int(size * 256 / 224)
+    for i, (height, width) in enumerate(sizes.tolist()):
+        if height <= width:
+            new_h, new_w = short_side, int(short_side * width / height)
+        else:
+            new_h, new_w = int(short_side * height / width), short_side
+        image = resize(canvases[i, :height, :width].permute(2, 0, 1)[None], (new_h, new_w))
+        top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
+        out[i] = image[0, :, top: top + size, left: left + size]
+    return normalize(out.clamp_(0, 255).div_(255), IMAGENET_MEAN, IMAGENET_STD, dtype)
 
 
 class EvalLoader:
