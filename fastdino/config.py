@@ -252,7 +252,7 @@ class RunConfig:
                              positive=True, resume=True)
     checkpoint_every: int = setting(1000, "steps between checkpoints (the last step always checkpoints)",
                                     positive=True, resume=True)
-    keep_checkpoints: int = setting(2, "newest step checkpoints kept on disk; `last.pt` is extra", resume=True)
+    keep_checkpoints: int = setting(2, "newest step checkpoints kept on disk (older ones are deleted once a newer one is complete)", resume=True)
     on_nonfinite_loss: str = setting("error", "error: stop naming the step | skip: drop that step (no update of "
                                               "anything) and go on", choices=("error", "skip"), resume=True)
     progress: bool = setting(True, "tqdm progress bar with loss, img/s and collapse warnings", resume=True)

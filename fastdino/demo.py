@@ -23,7 +23,8 @@ from fastdino.data.sample_data import sample_photos, write_digits_folders
 from fastdino.eval.draw import draw_attention
 from fastdino.eval.knn import knn_classify
 from fastdino.runinfo import setup_logging
-from fastdino.train.checkpoint import latest_checkpoint, load_backbone
+from fastdino.eval.export import read_backbone
+from fastdino.train.checkpoint import latest_checkpoint
 from fastdino.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def run_demo(output_dir: Path, overrides: list[str] | None = None) -> dict:
 
     result = Trainer(cfg).train()
     checkpoint = latest_checkpoint(output_dir / "checkpoints")
-    backbone, _ = load_backbone(checkpoint)
+    backbone, _ = read_backbone(checkpoint)
 
     pictures = []
     mean = torch.tensor(cfg.data.augment.mean).view(3, 1, 1)

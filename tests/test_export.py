@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from fastdino.cli import main
 from fastdino.config import load_config
-from fastdino.eval.export import export_weights, load_pretrained_backbone, read_weights
+from fastdino.eval.export import export_weights, load_pretrained_backbone, read_backbone, read_weights
+from fastdino.eval.knn import knn_accuracy
 from fastdino.ssl import build_student_teacher
-from fastdino.train.checkpoint import SHARDED_PAYLOAD, CheckpointError, load_backbone, save_checkpoint
+from fastdino.train.checkpoint import SHARDED_PAYLOAD, CheckpointError, save_checkpoint
 
 TINY_MODEL = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=4", "model.img_size=16", "model.out_dim=64",
               "model.head_hidden_dim=32", "model.head_bottleneck_dim=16", "eval.eval_size=16", "data.path=unused"]
@@ -49,7 +50,7 @@ def images():
 
 
 def reference(checkpoint, which="teacher"):
-    return load_backbone(checkpoint, which)[0]
+    return read_backbone(checkpoint, which)[0]
 
 
 @pytest.mark.parametrize("fmt", ["official", "timm", "safetensors", "hf"])
@@ -245,7 +246,9 @@ def test_cli_export_and_knn_on_exported_files(tmp_path, training_checkpoint, dig
     report = tmp_path / "knn.json"
     assert main(["eval", "knn", str(out), "--train", str(train), "--val", str(val), "--k", "10",
                  "--drop-high-variance", "8", "--json", str(report), "--device", "cpu"]) == 0
-    assert 0 <= json.loads(report.read_text())["k=10"]["top1"] <= 100
+    expected = knn_accuracy(read_backbone(out)[0], train, val, size=16, batch_size=128, device="cpu", ks=(10,),
+                            drop_high_variance=8)[10]
+    assert json.loads(report.read_text())["k=10"] == pytest.approx(expected)  # the flags reach the evaluation
     assert main(["export", str(tmp_path / "nothing.pt"), "--format", "official", "--out", str(tmp_path / "x")]) == 1
     assert capsys.readouterr().err.strip().count("\n") == 0  # one line
 

@@ -18,7 +18,7 @@ from fastdino.data.decode import check_beton
 from fastdino.eval.draw import load_image
 from fastdino.eval.export import ARCH_BY_WIDTH, export_weights, read_backbone
 from fastdino.ssl import build_student_teacher
-from fastdino.train.checkpoint import SHARDED_PAYLOAD, CheckpointError, load_backbone, load_checkpoint, save_checkpoint
+from fastdino.train.checkpoint import SHARDED_PAYLOAD, CheckpointError, load_checkpoint, save_checkpoint
 
 TINY_MODEL = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=4", "model.img_size=16", "model.out_dim=64",
               "model.head_hidden_dim=32", "model.head_bottleneck_dim=16", "eval.eval_size=16", "data.path=unused"]
@@ -79,14 +79,14 @@ def images():
 # ---------------------------------------------------------------- one checkpoint reader
 
 def test_every_kind_gives_the_same_backbone(every_kind, images):
-    expected, cfg = load_backbone(every_kind["step file"])
-    assert cfg.model.arch == "vit_tiny"
+    expected, weights = read_backbone(every_kind["step file"])
+    assert weights.config.model.arch == "vit_tiny"
     with torch.no_grad():
         reference = expected(images)
         for kind, path in every_kind.items():
-            backbone, config = load_backbone(path)
+            backbone, weights = read_backbone(path)
             assert torch.equal(backbone(images), reference), kind
-            assert (config is not None) == (kind in ("step file", "run folder") or "deepspeed" in kind), kind
+            assert (weights.config is not None) == (kind in ("step file", "run folder") or "deepspeed" in kind), kind
 
 
 def test_run_folder_reads_its_newest_checkpoint_and_says_so(run_dir, caplog):
@@ -100,8 +100,8 @@ def test_run_folder_reads_its_newest_checkpoint_and_says_so(run_dir, caplog):
 def test_official_full_checkpoint_student_and_teacher(every_kind, images):
     with torch.no_grad():
         for which in ("teacher", "student"):
-            expected = load_backbone(every_kind["step file"], which)[0](images)
-            assert torch.equal(load_backbone(every_kind["official full"], which)[0](images), expected)
+            expected = read_backbone(every_kind["step file"], which)[0](images)
+            assert torch.equal(read_backbone(every_kind["official full"], which)[0](images), expected)
 
 
 def test_arch_width_table_matches_the_factories():

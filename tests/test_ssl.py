@@ -87,7 +87,9 @@ def test_ema_update_matches_formula():
     ema_update_(teacher, student, 0.9, impl="torch")
     for t, b, s in zip(teacher.parameters(), before, student.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s, rtol=1e-6, atol=1e-7)
-    ema_update_(teacher, student, 1.0, impl="torch")  # momentum 1 leaves the teacher unchanged
+    after_one_update = [p.detach().clone() for p in teacher.parameters()]
+    ema_update_(teacher, student, 1.0, impl="torch")
+    assert all(torch.equal(t, a) for t, a in zip(teacher.parameters(), after_one_update))  # momentum 1: unchanged
     with pytest.raises(ValueError, match="differ"):
         ema_update_(teacher, nn.Linear(5, 7), 0.9, impl="torch")
 

@@ -1,7 +1,7 @@
 """Backbone weights in and out: the official DINO layout, timm's, safetensors and Hugging Face's.
 
 Reading: `read_backbone` is the one reader every command uses (`eval knn|linear`, `viz
-attention`, `export`, `fastdino.load_backbone`, `fastdino.train.checkpoint.load_backbone`);
+attention`, `export`, `fastdino.load_backbone`);
 `read_weights` is its tensor half. It accepts, all through `torch.load(weights_only=True)` or
 safetensors, never pickle:
   * fastdino training checkpoints (student/teacher `backbone.*` + `head.*`, config inside),

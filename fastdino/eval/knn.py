@@ -132,6 +132,28 @@ def all_gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(gathered)
 
 
+@torch.no_grad()
+def knn_accuracy(backbone: nn.Module, train_beton: str, val_beton: str, *, size: int, batch_size: int,
+                 device: torch.device | str, ks: Sequence[int] = (20,), temperature: float = 0.07,
+                 drop_high_variance: int = 0, rank: int = 0, world_size: int = 1) -> dict:
+    """The official k-NN evaluation of `backbone` (CLS embeddings of `size`-px centre crops): the
+    labelled `train_beton` is the memory, `val_beton` is classified. Under torch.distributed each
+    rank embeds its shard and every rank gets all rows. Returns `{k: {"top1": %, "top5": %}}`
+    for each k in `ks`, from one neighbour search. Raises what `eval_loader` raises for a bad
+    file, ValueError for unlabelled images."""
+    from fastdino.data import eval_loader
+
+    def embed(beton: str):
+        loader = eval_loader(beton, batch_size, size=size, device=str(device), rank=rank, world_size=world_size)
+        return all_gather_rows(*extract_features(backbone, loader, device))
+
+    (train_features, train_labels), (val_features, val_labels) = embed(train_beton), embed(val_beton)
+    if drop_high_variance:
+        train_features, val_features = drop_high_variance_dimensions(train_features, val_features,
+                                                                     drop_high_variance)
+    return knn_classify(train_features, train_labels, val_features, val_labels, temperature=temperature, ks=ks)
+
+
 def build_parser():
     from fastdino.eval.command import add_run_arguments, add_weights_arguments, command_parser
 
@@ -155,7 +177,6 @@ def main(argv: Sequence[str]) -> int:
     """`fastdino eval knn ...`: prints top-1 per k, writes --json (rank 0)."""
     import torch.distributed as dist
 
-    from fastdino.data import eval_loader
     from fastdino.eval.command import check_labelled_betons, eval_backbone, eval_device, write_json
     from fastdino.parallel.distributed import init_from_launcher
 
@@ -164,18 +185,9 @@ def main(argv: Sequence[str]) -> int:
     rank, world_size = init_from_launcher(device)
     backbone, _, size = eval_backbone(args, device)
     check_labelled_betons(args.train, args.val)
-
-    def embed(beton: str):
-        """This rank's shard of the file, then every rank's rows in file order."""
-        loader = eval_loader(beton, args.batch_size, size=size, device=str(device), rank=rank, world_size=world_size)
-        return all_gather_rows(*extract_features(backbone, loader, device))
-
-    (train_features, train_labels), (val_features, val_labels) = embed(args.train), embed(args.val)
-    if args.drop_high_variance:
-        train_features, val_features = drop_high_variance_dimensions(train_features, val_features,
-                                                                     args.drop_high_variance)
-    by_k = knn_classify(train_features, train_labels, val_features, val_labels, temperature=args.temperature,
-                        ks=args.k)
+    by_k = knn_accuracy(backbone, args.train, args.val, size=size, batch_size=args.batch_size, device=device,
+                        ks=args.k, temperature=args.temperature, drop_high_variance=args.drop_high_variance,
+                        rank=rank, world_size=world_size)
     results = {f"k={k}": by_k[k] for k in args.k}
     if rank == 0:
         for k in args.k:

@@ -562,16 +562,3 @@ def load_resume_checkpoint(checkpoint_dir: Path, resume: str, map_location="cpu"
     if resume != "auto":
         return Path(resume), load_checkpoint(resume, map_location)
     return _newest_that_passes(checkpoint_dir, lambda path: load_checkpoint(path, map_location))
-
-
-def load_backbone(path: str | Path, which: str = "teacher", *, arch: str | None = None,
-                  patch_size: int | None = None):
-    """The teacher's (or student's) backbone in eval mode from any checkpoint kind that
-    `fastdino.eval.export.read_backbone` reads (training checkpoints, run folders, official
-    DINO files, exports); `arch` and `patch_size`, given, win over what the file says. Returns
-    (backbone, the run config of a fastdino training checkpoint, else None). Raises
-    CheckpointError when the file cannot be read or does not fit a ViT."""
-    from fastdino.eval.export import read_backbone
-
-    backbone, weights = read_backbone(path, which, arch, patch_size)
-    return backbone, weights.config

@@ -29,7 +29,7 @@ from fastdino import metrics
 from fastdino._requires import require_ffcv
 from fastdino.config import check_resume_fits
 from fastdino.data.synthetic import SYNTHETIC
-from fastdino.eval.knn import extract_features, knn_classify
+from fastdino.eval.knn import knn_accuracy
 from fastdino.parallel import barrier, init_distributed, memory_bytes
 from fastdino.runinfo import resolve_device, run_metadata, setup_logging
 from fastdino.train import checkpoint as ckpt
@@ -307,18 +307,13 @@ class Trainer:
     def knn_enabled(self) -> bool:
         return bool(self.cfg.eval.knn_train_path and self.cfg.eval.knn_val_path)
 
-    @torch.no_grad()
     def evaluate_knn(self, step: int) -> dict:
-        from fastdino.data.loader import eval_loader
-
+        """The teacher's k-NN accuracy on eval.knn_train_path / knn_val_path (fastdino.eval.knn),
+        appended to the run's k-NN history."""
         ev = self.cfg.eval
-        backbone = self.teacher.backbone
-        batch = max(self.cfg.data.batch_size, 64)
-        train = extract_features(backbone, eval_loader(ev.knn_train_path, batch, size=ev.eval_size,
-                                                       device=str(self.device)), self.device)
-        val = extract_features(backbone, eval_loader(ev.knn_val_path, batch, size=ev.eval_size,
-                                                     device=str(self.device)), self.device)
-        result = knn_classify(train[0], train[1], val[0], val[1], k=ev.knn_k, temperature=ev.knn_temperature)
+        result = knn_accuracy(self.teacher.backbone, ev.knn_train_path, ev.knn_val_path, size=ev.eval_size,
+                              batch_size=max(self.cfg.data.batch_size, 64), device=self.device, ks=(ev.knn_k,),
+                              temperature=ev.knn_temperature)[ev.knn_k]
         record = {"step": step, "knn_top1": result["top1"], "knn_top5": result.get("top5")}
         self.knn_history.append(record)
         logger.info("k-NN (teacher, k=%d) at step %d: top-1 %.2f%%", ev.knn_k, step, result["top1"])
