@@ -11,6 +11,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
 
+from fastdino.eval.command import save_figure
 from fastdino.eval.knn import eval_mode
 
 
@@ -105,8 +106,4 @@ def save_attention_figure(image_uint8: np.ndarray, maps, masks, path: str | Path
         axes[1, h + 1].set_title(f"head {h} mask")
     if title:
         fig.suptitle(title, fontsize=14)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path)

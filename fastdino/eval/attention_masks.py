@@ -9,7 +9,6 @@ Reported per head (averaged over images), for the best head and averaged over he
 """
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fastdino.eval.command import save_figure
 from fastdino.eval.segmentation_data import IGNORE_LABEL
 
 FIGURE_IMAGES = 4
@@ -65,7 +65,6 @@ def save_attention_mask_figure(samples: list[tuple], head: int, path: str | Path
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from fastdino.train.checkpoint import atomic_write_bytes
 
     fig = Figure(figsize=(11, 2.8 * len(samples) + 0.9), layout="constrained")
     axes = fig.subplots(len(samples), 4, squeeze=False)
@@ -95,12 +94,7 @@ def save_attention_mask_figure(samples: list[tuple], head: int, path: str | Path
                         ((BOTH, "mask and foreground"), (MASK_ONLY, "mask only"), (FOREGROUND_ONLY, "foreground only"))],
                loc="outside lower center", ncols=3, fontsize=9)
     fig.suptitle(title, fontsize=12)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=90, format="png")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def build_parser():

@@ -93,3 +93,18 @@ def write_json(path: str | os.PathLike | None, results: dict) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(path), (json.dumps(results, indent=2, allow_nan=False) + "\n").encode())
+
+
+def save_figure(figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Writes a matplotlib Figure as a PNG at `path` (parents created), atomically: a kill never
+    leaves half a picture. Returns the path."""
+    import io
+
+    from fastdino.train.checkpoint import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=dpi, format="png")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
+
+from fastdino.eval.command import save_figure
 
 LOG_K_STYLE = dict(color="0.35", linestyle="--", linewidth=1.2)
 
@@ -82,15 +83,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for index, panel in enumerate(panels):
         _draw_panel(fig.add_subplot(rows, columns, index + 1), panel, evals if panel.evaluation else steps, steps)
 
-    out = Path(out) if out else run_dir / "curves.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # never leave a half-written picture
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_figure(fig, Path(out) if out else run_dir / "curves.png", dpi=110)
 
 
 def _draw_panel(ax, panel: Panel, records: list[dict], step_records: list[dict]) -> None:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fastdino.eval.command import save_figure
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # The official utils.multi_scale: features of the image at these scales, summed.
 MULTISCALE = (1.0, 1 / math.sqrt(2), 0.5)
@@ -477,10 +479,7 @@ def save_ranking_figure(rows: Sequence[tuple[np.ndarray, str, Sequence[tuple[np.
             axis.imshow(image)
             axis.set_title(caption, fontsize=7)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+    return save_figure(figure, path)
 
 
 def ranking_rows(data: RetrievalSet, query_features: torch.Tensor, database_features: torch.Tensor,

@@ -15,7 +15,6 @@ retrieval of Balazevic et al. 2023, "Towards in-context scene understanding" / H
 """
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastdino.eval.command import save_figure
 from fastdino.eval.segmentation_data import IGNORE_LABEL
 
 # Similarity entries one search step may hold (256 MiB of fp32): bounds the memory of a search
@@ -212,7 +212,6 @@ def save_segmentation_figure(samples: list[tuple[str, np.ndarray, np.ndarray, np
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from fastdino.train.checkpoint import atomic_write_bytes
 
     palette = voc_palette()
     fig = Figure(figsize=(9, 2.8 * len(samples) + 0.8), layout="constrained")
@@ -233,12 +232,7 @@ def save_segmentation_figure(samples: list[tuple[str, np.ndarray, np.ndarray, np
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)), fontsize=9)
     fig.suptitle(title, fontsize=12)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=90, format="png")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def shots_value(text: str) -> int | str:

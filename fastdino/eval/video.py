@@ -34,6 +34,8 @@ from PIL import Image
 from scipy import ndimage
 from torch import nn
 
+from fastdino.eval.command import save_figure
+
 # DAVIS `bound_th`: the boundary match tolerance as a fraction of the image diagonal.
 BOUNDARY_TOLERANCE = 0.008
 # Annotation value DAVIS reserves for void pixels; its toolkit scores them as background.
@@ -377,9 +379,7 @@ def save_video_strip(path: Path, shown: list[tuple[int, np.ndarray, np.ndarray |
     axes[0, 0].set_ylabel("annotation")
     axes[1, 0].set_ylabel("propagated")
     fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path)
 
 
 def _save_indexed(path: Path, labels: np.ndarray, palette: np.ndarray) -> None:
