@@ -3,7 +3,7 @@
 - ``fastdino_kernels.dino_loss``: DINO cross-entropy over all (teacher view, student crop)
   pairs, forward and backward, plus the teacher column sums for the centre update.
 - ``fastdino_kernels.ema``: teacher <- m * teacher + (1 - m) * student over a whole
-  parameter list (and optionally the centre) in one launch.
+  parameter list in one launch.
 
 Each public function has a plain PyTorch twin with the same signature (``*_reference``).
 """
