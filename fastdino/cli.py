@@ -49,9 +49,13 @@ def _convert(args) -> int:
     from fastdino.data import convert_folder
 
     report = convert_folder(args.src, args.out, max_resolution=args.max_resolution,
-                            jpeg_quality=args.jpeg_quality, storage=args.storage, num_workers=args.workers)
-    print(f"wrote {report['written']} images to {args.out}; skipped {len(report['skipped'])} "
-          f"(see {args.out}.report.json)")
+                            jpeg_quality=args.jpeg_quality, storage=args.storage, num_workers=args.workers,
+                            labels=args.labels)
+    classes = f" in {len(report['classes'])} classes" if report["classes"] else ""
+    loose = sum(entry["reason"].startswith("outside the class folders") for entry in report["skipped"])
+    hint = f"; {loose} of them lie outside the class folders: --labels none keeps them" if loose else ""
+    print(f"wrote {report['written']} images{classes} to {args.out}; skipped {len(report['skipped'])} "
+          f"(see {args.out}.report.json){hint}")
     return 0
 
 
@@ -192,14 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True,
                                                                               metavar="SUBCOMMAND")
     convert = data.add_parser("convert", help="write an image folder to an FFCV .beton file",
-                              description="Class sub-folders become labels (a flat folder gets -1). Unreadable "
-                                          "files are skipped and listed in OUT.beton.report.json.")
+                              description="Class sub-folders become labels (a flat folder gets -1; --labels none: "
+                                          "every image below the folder, label -1). Unreadable files are skipped "
+                                          "and listed in OUT.beton.report.json.")
     convert.add_argument("src", help="image folder, or a text file of 'PATH [LABEL]' lines")
     convert.add_argument("out", help="output .beton path")
     convert.add_argument("--max-resolution", type=int, default=512, help="cap on the longer side (default 512)")
     convert.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default 90)")
     convert.add_argument("--storage", choices=["jpg", "raw"], default="jpg",
                          help="store JPEG (default; what the GPU decoder reads) or raw pixels (no decode, larger)")
+    convert.add_argument("--labels", choices=["folders", "none"], default="folders",
+                         help="folders: class sub-folders give the labels (default); none: keep every image below "
+                              "SRC, sub-folders or not, without labels (a photo library)")
     convert.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="parallel workers")
     convert.set_defaults(func=_convert)
     for name, (module, summary) in DATA_COMMANDS.items():
@@ -282,5 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(exc, "exit_status", 130)
     except Exception as exc:  # one clear line for the user; FASTDINO_DEBUG=1 shows the traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"fastdino: error: {message}", file=sys.stderr)
+        # A run stopped by a signal after saving (exit status 130/143) did what was asked: no "error".
+        trainer = sys.modules.get("fastdino.train.trainer")
+        stopped = trainer is not None and isinstance(exc, trainer.TrainingInterrupted)
+        print(f"fastdino: {'stopped' if stopped else 'error'}: {message}", file=sys.stderr)
         return getattr(exc, "exit_status", 1)

@@ -214,7 +214,8 @@ class EvalConfig:
     knn_k: int = setting(20, "neighbours, as the official eval_knn.py")
     knn_temperature: float = setting(0.07, "weighting temperature of the neighbours' votes")
     knn_every: int = setting(0, "steps between k-NN evaluations during training (0 = only at the end)")
-    eval_size: int = setting(224, "image side the evaluation resizes to (centre crop of the short side)")
+    eval_size: int = setting(224, "side of the evaluation view: the short side resized to eval_size * 256 / 224, "
+                                  "then the central eval_size crop (official Resize(256) + CenterCrop(224))")
 
 
 @dataclass

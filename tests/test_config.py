@@ -14,7 +14,7 @@ def test_defaults_fill_every_key_and_official_values():
     assert cfg.data.augment.blur_p == [1.0, 0.1, 0.5] and cfg.data.augment.solarize_p == [0.0, 0.2, 0.0]
 
 
-@pytest.mark.parametrize("name", ["vit_small_16.yaml", "vit_base_16.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["vit_small_16.yaml", "vit_base_16.yaml", "demo.yaml", "laptop.yaml"])
 def test_experiment_files_load(name):
     cfg = load_config(CONFIG_DIR / name, ["data.path=x.beton"])
     assert cfg.data.path == "x.beton"

@@ -251,3 +251,37 @@ def test_viz_attention_on_a_16_bit_image(every_kind, tmp_path, monkeypatch):
     assert main(["viz", "attention", str(every_kind["step file"]), str(tmp_path / "sixteen.png"),
                  "--out", str(tmp_path / "out"), "--size", "16"]) == 0
     assert (seen[0] < 255).mean() > 0.9  # not the white picture of a clipping convert("RGB")
+
+
+def test_photo_library_albums_and_loose_photos(tmp_path, capsys):
+    """Sub-folders read as classes drop the photos beside them, and the summary says how to keep
+    them; --labels none keeps every photo, unlabelled."""
+    library = tmp_path / "photos"
+    for i, folder in enumerate([library, library / "2023", library / "2024"]):
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), 50 * i, np.uint8)).save(folder / "IMG_0001.png")
+    assert main(["data", "convert", str(library), str(tmp_path / "albums.beton"), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 2 images in 2 classes" in out and "1 of them lie outside the class folders: --labels none" in out
+    assert main(["data", "convert", str(library), str(tmp_path / "all.beton"), "--workers", "1",
+                 "--labels", "none"]) == 0
+    assert "wrote 3 images to" in capsys.readouterr().out
+    labels = torch.cat([batch_labels for _, batch_labels in eval_loader(tmp_path / "all.beton", 8, size=16)])
+    assert labels.tolist() == [-1, -1, -1]
+
+
+def test_viz_attention_keeps_same_named_photos_apart(every_kind, tmp_path, capsys):
+    photos = []
+    for album in ("2023", "2024"):
+        (tmp_path / album).mkdir()
+        photos.append(tmp_path / album / "IMG_0001.png")
+        Image.fromarray(np.random.default_rng(len(photos)).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photos[-1])
+    out = tmp_path / "pictures"
+    assert main(["viz", "attention", str(every_kind["step file"]), *map(str, photos), "--out", str(out),
+                 "--size", "16"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["attention_2023_IMG_0001.png", "attention_2024_IMG_0001.png"]
+    capsys.readouterr()
+    # a missing photo is named before anything is drawn
+    assert main(["viz", "attention", str(every_kind["step file"]), str(photos[0]), str(tmp_path / "gone.png"),
+                 "--out", str(tmp_path / "none"), "--size", "16"]) == 1
+    assert "image not found" in one_line_error(capsys) and not (tmp_path / "none").exists()

@@ -232,3 +232,13 @@ def test_leftovers_of_killed_writes_go_at_the_next_launch(tmp_path):
     train(tmp_path, "max_steps=1")
     assert not any(path.exists() for path in leftovers) and not (tmp_path / ".trash-checkpoints-99").exists()
     assert (tmp_path / ".notes.tmp-1").exists()
+
+
+def test_resume_auto_without_a_run_names_the_folder(tmp_path, monkeypatch, capsys):
+    """The usual mistake: the run folder not named, so --resume auto looks in the default one."""
+    from fastdino.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "auto"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastdino: error: --resume auto: runs/default holds no run") and "output_dir=RUN" in err

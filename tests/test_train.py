@@ -167,7 +167,8 @@ def test_signal_stops_with_a_checkpoint_and_the_conventional_status(tmp_path, si
     _, err = job.communicate(timeout=120)
     assert job.returncode == status, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("fastdino: ")]
-    assert len(lines) == 1 and "interrupted after step" in lines[0] and "--resume auto" in lines[0], err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("fastdino: stopped: interrupted after step"), err[-2000:]
+    assert f"`fastdino train --resume auto output_dir={tmp_path}`" in lines[0]  # what to type next
     assert len(list_checkpoints(tmp_path / "checkpoints")) == 1
 
 

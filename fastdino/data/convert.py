@@ -1,7 +1,9 @@
 """Image folder or file list -> FFCV .beton (`image` + int `label`), with a report of what was skipped.
 
 Layout as torchvision's ImageFolder: class sub-folders (sorted names) give labels
-0..C-1, recursively; a folder of loose images gives label -1. Hidden files and
+0..C-1, recursively; a folder of loose images gives label -1; with labels="none" every
+image below the folder, in sub-folders or not, is kept with label -1 (a photo library,
+where folders are albums, not classes). Hidden files and
 folders are ignored. A file list is a text file of `PATH` or `PATH LABEL` lines
 (paths relative to the list's folder; no label is -1; a label is a class index,
 0 to 2**31 - 1, checked before anything is written). Images are stored as JPEG
@@ -49,18 +51,21 @@ MAX_LABEL = 2**31 - 1  # int32 class indices: what every consumer (k-NN, linear 
 _INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit takes "²", which int() refuses
 
 
-def find_images(src):
-    """(files as [(path, label)], class names, skipped [{path, reason}]) of an image folder."""
+def find_images(src, labels: str = "folders"):
+    """(files as [(path, label)], class names, skipped [{path, reason}]) of an image folder;
+    labels="none": every visible file below it, label -1."""
     def visible_files(folder, pattern):
         return sorted(p for p in folder.glob(pattern)
                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
+    if labels == "none":
+        return [(p, -1) for p in visible_files(src, "**/*")], [], []
     entries = visible_files(src, "*")
     class_dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         return [(p, -1) for p in entries], [], []
     files = [(p, label) for label, class_dir in enumerate(class_dirs) for p in visible_files(class_dir, "**/*")]
-    loose = [{"path": str(p), "reason": "outside the class folders"} for p in entries]
+    loose = [{"path": str(p), "reason": "outside the class folders (keep it with --labels none)"} for p in entries]
     return files, [d.name for d in class_dirs], loose
 
 
@@ -199,7 +204,7 @@ def _write_json_atomically(path, content):
 
 
 def convert_folder(src, out_path, *, max_resolution=DEFAULT_MAX_RESOLUTION, jpeg_quality=DEFAULT_JPEG_QUALITY,
-                   storage="jpg", num_workers=None, progress=True):
+                   storage="jpg", num_workers=None, progress=True, labels="folders"):
     """Converts an image folder or file list into the .beton `out_path`, and writes `out_path + '.report.json'`.
 
     Images become RGB with their EXIF orientation applied, the longer side at most
@@ -207,6 +212,7 @@ def convert_folder(src, out_path, *, max_resolution=DEFAULT_MAX_RESOLUTION, jpeg
     (storage="raw"). Unusable files (corrupt, truncated, empty, not images,
     decompression bombs, missing list entries) are skipped with a reason. The .beton
     appears only once complete (written to a temporary file beside it, then renamed).
+    `labels`: "folders" (class sub-folders give labels) or "none" (every image, label -1).
     Returns the report: {"written": int, "skipped": [{"path", "reason"}], "classes": [names]}.
     Raises DataError when src does not exist or no image in it can be converted.
     """
@@ -217,10 +223,12 @@ def convert_folder(src, out_path, *, max_resolution=DEFAULT_MAX_RESOLUTION, jpeg
         raise DataError(f"need 1 <= jpeg_quality <= 100 and max_resolution >= 1, got {jpeg_quality}, {max_resolution}")
     if storage not in ("jpg", "raw"):
         raise DataError(f"storage must be 'jpg' or 'raw', got {storage!r}")
+    if labels not in ("folders", "none"):
+        raise DataError(f"labels must be 'folders' or 'none', got {labels!r}")
     num_workers = num_workers or os.cpu_count() or 1
 
     if src.is_dir():
-        files, classes, skipped = find_images(src)
+        files, classes, skipped = find_images(src, labels)
     else:
         (files, skipped), classes = read_file_list(src), []
     with ThreadPoolExecutor(num_workers) as pool:

@@ -55,9 +55,35 @@ def draw_attention(backbone, patch_size: int, image: np.ndarray, path: Path, siz
 
 def draw_attention_for_files(backbone, patch_size: int, image_paths: list[str], out_dir: Path,
                              size: int = 224) -> list[Path]:
-    out = []
-    for image_path in image_paths:
-        name = Path(image_path).stem
-        out.append(draw_attention(backbone, patch_size, load_image(image_path), out_dir / f"attention_{name}.png",
-                                  size, title=name))
-    return out
+    """One picture per image file, `out_dir/attention_<name>.png`; returns their paths. Every file
+    is checked before anything is drawn (FileNotFoundError names the first missing one). Files
+    of the same name from different folders (IMG_0001.JPG twice) get the folders in their
+    picture's name, so none overwrites another."""
+    paths = [Path(p) for p in image_paths]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                     if len(missing) > 1 else ""))
+    names = picture_names(paths)
+    return [draw_attention(backbone, patch_size, load_image(path), out_dir / f"attention_{name}.png", size, title=name)
+            for path, name in zip(paths, names)]
+
+
+def picture_names(paths: list[Path]) -> list[str]:
+    """A distinct name per path: its stem, preceded by as many parent folders (joined by "_") as
+    it takes to tell it from the other paths, and a counter for the same file given twice."""
+    def key(path: Path, depth: int) -> tuple[str, ...]:
+        folders = [part for part in path.parent.parts if part not in ("/", "\\")]
+        return (*folders[len(folders) - depth:], path.stem) if depth else (path.stem,)
+
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for i, path in enumerate(paths):
+        depth = 0
+        while depth < len(path.parent.parts) and any(key(other, depth) == key(path, depth)
+                                                     for j, other in enumerate(paths) if j != i):
+            depth += 1
+        name = "_".join(key(path, depth))
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return names

@@ -23,7 +23,7 @@ import socket
 import sys
 from pathlib import Path
 
-from fastdino.config import compose_config, load_config
+from fastdino.config import ConfigError, compose_config, load_config
 from fastdino.train import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -201,4 +201,13 @@ def launch_config(config_path: str | None, overrides: list[str], resume: str | N
     else:
         holder = Path(resume).resolve().parent  # RUN/checkpoints/ for RUN/checkpoints/step_X(.pt)
         saved = holder.parent / CONFIG_FILE if holder.name == CHECKPOINT_DIR else None
-    return load_config(config_path, overrides, base=saved if saved and saved.is_file() else None)
+    if saved is not None and saved.is_file():
+        return load_config(config_path, overrides, base=saved)
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as exc:
+        if resume != "auto":
+            raise
+        # The usual cause: the run folder was not named, so output_dir is the default's.
+        raise ConfigError(f"--resume auto: {saved.parent} holds no run (no {CONFIG_FILE}); name the run folder "
+                          f"with output_dir=RUN ({exc})") from None

@@ -412,11 +412,13 @@ class Trainer:
                     stats = collapse_stats(student_output.detach(), teacher_output.detach(), self.dino_loss.center,
                                            cfg.dino.student_temp, values["teacher_temp"], out.teacher_features)
                     warnings = collapse_warnings(stats, cfg.monitor)
-                    model_mfu = metrics.mfu(img_per_s, self.flops_per_image, self.peak_flops)
+                    # img/s is the whole job's; MFU is per accelerator, against one device's peak
+                    model_mfu = metrics.mfu(img_per_s / self.dist.world_size, self.flops_per_image, self.peak_flops)
                     last_record = json_safe({
                         "step": step, "epoch": epoch, "loss": loss_value, "lr": values["lr"], "wd": values["wd"],
                         "momentum": values["momentum"], "teacher_temp": values["teacher_temp"],
-                        "img_per_s": img_per_s, "gflops_per_s": img_per_s * self.flops_per_image / 1e9,
+                        "img_per_s": img_per_s, "img_per_s_per_rank": img_per_s / self.dist.world_size,
+                        "gflops_per_s": img_per_s * self.flops_per_image / 1e9,
                         "mfu": model_mfu, "data_wait_fraction": data_wait / max(elapsed, 1e-9),
                         **stats, "collapse_warnings": warnings, "skipped": nonfinite,
                     })
@@ -446,7 +448,8 @@ class Trainer:
                     self.save(done)
                 if stop:
                     raise TrainingInterrupted(f"interrupted after step {done}; checkpoint saved in "
-                                              f"{self.checkpoint_dir}; continue with --resume auto", stop)
+                                              f"{self.checkpoint_dir}; continue with `fastdino train --resume auto "
+                                              f"output_dir={self.output_dir}`", stop)
                 fetch_start = time.perf_counter()
         finally:
             for sig, handler in previous_handlers.items():
