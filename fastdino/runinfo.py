@@ -88,13 +88,15 @@ def run_metadata(device: torch.device) -> dict:
 
 
 def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:
-    """Console and (optionally) a run's train.log get the same readable lines."""
+    """Console and (optionally) a run's train.log get the same readable lines, except records
+    logged with `extra={"file_only": True}` (the run's whole config), which only the file gets."""
     root = logging.getLogger()
     root.setLevel(level)
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_fastdino_console", False) for h in root.handlers):
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(formatter)
+        console.addFilter(lambda record: not getattr(record, "file_only", False))  # extra={"file_only": True}
         console._fastdino_console = True
         root.addHandler(console)
     if log_file is not None:

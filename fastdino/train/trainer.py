@@ -157,7 +157,9 @@ class Trainer:
         logger.info("run %s | git %s | %s | %d rank(s)", self.output_dir, self.meta["git_revision"],
                     self.meta["device"], self.dist.world_size)
         logger.info("versions %s", json.dumps(self.meta["versions"]))
-        logger.info("config\n%s", OmegaConf.to_yaml(cfg).rstrip())
+        # the whole config goes to train.log only: on the console it would push everything else away
+        logger.info("config\n%s", OmegaConf.to_yaml(cfg).rstrip(), extra={"file_only": True})
+        logger.info("config: %s (and train.log)", self.output_dir / run_folder.CONFIG_FILE)
         # --resume auto takes the newest intact checkpoint, skipping damaged ones with a warning
         resume_path, state = (ckpt.load_resume_checkpoint(self.checkpoint_dir, resume, map_location=self.device)
                               if resume else (None, None))
