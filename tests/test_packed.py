@@ -94,6 +94,115 @@ def test_packed_attention_equals_xformers_block_diagonal_mask(backend):
     torch.testing.assert_close(attention(q, k, v, backend, attn_bias=pack), expected, atol=1e-6, rtol=1e-5)
 
 
+def gather_twin(attn, x, pack):
+    """The packed attention as it ran before issue 12: each group through `attention`, the group
+    outputs concatenated, heads reshaped into channels, then the projection (two copies of the output)."""
+    _, tokens, channels = x.shape
+    q, k, v = attn.qkv(x).reshape(1, tokens, 3, attn.num_heads, channels // attn.num_heads).permute(2, 0, 3, 1, 4)
+    outputs = []
+    for (count, length), start in zip(pack.groups, pack.group_starts()):
+        group = [t[0, :, start:start + count * length].unflatten(1, (count, length)).transpose(0, 1)
+                 for t in (q, k, v)]
+        outputs.append(attention(*group, attn.backend, scale=attn.scale).transpose(0, 1).flatten(1, 2))
+    out = torch.cat(outputs, dim=1).unsqueeze(0)
+    return attn.proj(out.transpose(1, 2).reshape(1, tokens, channels))
+
+
+def math_twin(attn, x, pack):
+    """softmax(q k^T * scale) v written out per sequence, then the projection: shares no code with either path."""
+    _, tokens, channels = x.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(x)[0].reshape(tokens, 3, heads, channels // heads)
+    outputs = []
+    for (count, length), start in zip(pack.groups, pack.group_starts()):
+        for i in range(count):
+            q, k, v = qkv[start + i * length:start + (i + 1) * length].permute(1, 2, 0, 3)  # [heads, length, D]
+            weights = ((q.float() @ k.float().transpose(-2, -1)) * attn.scale).softmax(-1)
+            outputs.append((weights @ v.float()).transpose(0, 1).reshape(length, channels))
+    return attn.proj(torch.cat(outputs).to(x.dtype)).unsqueeze(0)
+
+
+def attention_and_grads(attn, x, pack, fn, dtype):
+    """(output, input gradient, parameter gradients) of fn(attn, x, pack) under `dtype` autocast (fp32: none)."""
+    x = x.detach().clone().requires_grad_()
+    attn.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = fn(attn, x, pack)
+    (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out, x.grad, {name: p.grad.clone() for name, p in attn.named_parameters()}
+
+
+# Groups of awkward sizes; each group's block has >= 15 rows: fewer, and the CPU BLAS switches to
+# other kernels for the per-block projection (float rounding instead of bit-identity).
+PACKS = {"two_groups": ((3, 17), (5, 9)), "three_groups": ((2, 17), (3, 5), (5, 10)), "one_group": ((4, 9),)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("groups", list(PACKS.values()), ids=list(PACKS))
+def test_packed_attention_is_bit_identical_to_the_gather_twin(groups, backend, dtype):
+    """The gather-free packed attention (group outputs straight into the projection's rows) against
+    the concatenate-then-project path it replaced: output, input and parameter gradients bit-identical
+    on the CPU, fp32 and bf16 autocast (same per-row products; the weight gradient is the same GEMM)."""
+    torch.manual_seed(0)
+    attn = tiny_vit(backend).blocks[0].attn
+    pack = PackedSequences(groups)
+    x = torch.randn(1, pack.total_tokens, 32)
+    fast = attention_and_grads(attn, x, pack, lambda a, x, p: a(x, p), dtype)
+    twin = attention_and_grads(attn, x, pack, gather_twin, dtype)
+    assert fast[0].dtype == twin[0].dtype == dtype
+    assert torch.equal(fast[0], twin[0]) and torch.equal(fast[1], twin[1])
+    for name, grad in twin[2].items():
+        assert torch.equal(fast[2][name], grad), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_packed_attention_matches_the_math_twin(backend, dtype):
+    torch.manual_seed(1)
+    attn = tiny_vit(backend).blocks[0].attn
+    pack = PackedSequences(PACKS["three_groups"])
+    x = torch.randn(1, pack.total_tokens, 32)
+    fast = attention_and_grads(attn, x, pack, lambda a, x, p: a(x, p), dtype)
+    twin = attention_and_grads(attn, x, pack, math_twin, torch.float32)
+    # fp32: only the order of sums differs. bf16 keeps 8 mantissa bits: outputs (O(1)) within
+    # 0.05, gradients within 5% of their largest entry, where a wrong mask is off by O(1).
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=0)
+    torch.testing.assert_close(fast[0].float(), twin[0], **tol)
+    for got, want, name in [(fast[1], twin[1], "x"), *((fast[2][n], g, n) for n, g in twin[2].items())]:
+        scale = want.abs().max().item() if dtype == torch.bfloat16 else 1.0
+        torch.testing.assert_close(got.float(), want, atol=tol["atol"] * scale, rtol=tol["rtol"], msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_packed_linear_matches_linear_over_the_concatenation(bias, dtype):
+    """Blocks of 1, 7, 13 and 40 rows, one of them not requiring a gradient: forward and gradients
+    against F.linear(torch.cat(blocks)). Blocks of a few rows take other BLAS kernels than the
+    concatenation's GEMM: fp32 within 1e-6 relative (a few ulps); bf16 within 1 bf16 ulp of the
+    largest output (0.4 %); the weight gradient is the same GEMM: bit-identical."""
+    torch.manual_seed(2)
+    weight = torch.randn(24, 40, requires_grad=True)
+    bias_ = torch.randn(24, requires_grad=True) if bias else None
+    blocks = [torch.randn(rows, 40, requires_grad=rows != 7) for rows in (1, 7, 13, 40)]
+    upstream = torch.randn(61, 24)
+    results = []
+    for fn in (attention_module.packed_linear, lambda b, w, c: torch.nn.functional.linear(torch.cat(b), w, c)):
+        leaves = [t for t in (weight, bias_, *blocks) if t is not None and t.requires_grad]
+        for t in leaves:
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = fn(blocks, weight, bias_)
+        (out.float() * upstream).sum().backward()
+        results.append((out, [t.grad for t in leaves]))
+    (fast, fast_grads), (twin, twin_grads) = results
+    assert fast.dtype == twin.dtype == dtype and blocks[1].grad is None
+    assert torch.equal(fast_grads[0], twin_grads[0])  # the weight: one GEMM in both
+    relative = 1e-6 if dtype == torch.float32 else 2**-8
+    for got, want in [(fast, twin), *zip(fast_grads[1:], twin_grads[1:])]:  # output, bias, blocks
+        torch.testing.assert_close(got, want, atol=relative * want.abs().max().item(), rtol=0)
+
+
 def test_packed_sequences_layout_and_errors():
     pack = PackedSequences(((2, 197), (10, 37)))
     assert pack.total_tokens == 2 * 197 + 10 * 37 and pack.num_sequences == 12

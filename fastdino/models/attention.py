@@ -15,6 +15,17 @@ multi-crop step: 197-token and 37-token sequences). Every sequence attends only 
 itself. xformers runs the whole pack in one kernel with a `BlockDiagonalMask`; sdpa and
 math run one call per group of equal-length sequences, viewed as `[count, heads, length, D]`
 (no dense block mask, no padding).
+
+Packed attention without gather copies (`packed_attention_rows` + `packed_linear`, what the
+ViT's attention runs): sdpa has no `out=` argument, so the groups' outputs cannot be written
+into one buffer by sdpa itself, and concatenating them (then reshaping heads into channels)
+copies the whole attention output twice per block. Instead each group's output stays where
+sdpa wrote it (sdpa's CPU flash and CUDA flash/efficient kernels return the token-major
+`[count, length, heads, D]` layout, so the `[rows, heads*D]` block is a view), and the output
+projection writes each group's rows of its one `[T, C]` result with its own matmul (`out=`
+a row slice). q/k/v enter as token-axis `split`s of the fused qkv projection, whose backward
+is one concatenation, not a zero-filled full-size gradient per group and per q/k/v (what
+indexing or slicing the token axis costs in the backward).
 """
 from __future__ import annotations
 
@@ -95,16 +106,107 @@ def _packed_attention(q, k, v, backend: str, scale: float, dropout_p: float,
                       pack: PackedSequences) -> torch.Tensor:
     if q.shape[0] != 1 or q.shape[2] != pack.total_tokens:
         raise ValueError(f"packed attention wants [1, heads, {pack.total_tokens}, D] inputs, got {tuple(q.shape)}")
+    _, heads, tokens, head_dim = q.shape
+    # squeeze, not [0]: its backward is a view, where select's writes a zero-filled full-size gradient.
+    blocks = packed_attention_rows(*(t.squeeze(0).transpose(0, 1) for t in (q, k, v)), pack, backend,
+                                   scale=scale, dropout_p=dropout_p)
+    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # one gather copy: this API returns one tensor
+    return out.view(tokens, heads, head_dim).transpose(0, 1).unsqueeze(0)
+
+
+def packed_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PackedSequences,
+                          backend: str = "auto", *, scale: float | None = None,
+                          dropout_p: float = 0.0) -> list[torch.Tensor]:
+    """Attention over sequences packed along the token axis, as row blocks for the output projection.
+
+    q, k, v: `[T, heads, D]` each, T = `pack.total_tokens` (views of the fused qkv projection,
+    `qkv.view(T, 3, heads, D).unbind(1)`, need no copy). Returns `[rows, heads * D]` blocks that
+    cover the T tokens in order: one per group of equal-length sequences (sdpa, math), or one for
+    the whole pack (xformers, one block-diagonal kernel). Channels are head-major (head h holds
+    columns h*D to (h+1)*D), the layout `Attention` projects. A block is a view of the backend's
+    output where that output is token-major (sdpa's flash and efficient kernels, xformers), a
+    copy otherwise (math). Feed the blocks to `packed_linear`; `torch.cat(blocks)` equals
+    `attention(...)` with this pack (the twin, one copy). Raises ValueError if T != pack.total_tokens.
+    """
+    backend = resolve_attention_backend(backend, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    tokens, heads, head_dim = q.shape
+    if tokens != pack.total_tokens:
+        raise ValueError(f"packed attention wants [{pack.total_tokens}, heads, D] inputs, got {tuple(q.shape)}")
     if backend == "xformers":
-        return _xformers_attention(q, k, v, pack.xformers_bias(q.device), dropout_p, scale)
-    outputs = []
-    for (count, length), start in zip(pack.groups, pack.group_starts()):
-        # [1, H, count*length, D] -> [count, H, length, D]: a view (only the token axis is split).
-        group = [t[0, :, start:start + count * length].unflatten(1, (count, length)).transpose(0, 1)
-                 for t in (q, k, v)]
-        out = attention(*group, backend, scale=scale, dropout_p=dropout_p)
-        outputs.append(out.transpose(0, 1).flatten(1, 2))
-    return torch.cat(outputs, dim=1).unsqueeze(0)
+        out = _xformers_attention(*(t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)),
+                                  pack.xformers_bias(q.device), dropout_p, scale)
+        return [out.squeeze(0).transpose(0, 1).reshape(tokens, heads * head_dim)]
+    sizes = [count * length for count, length in pack.groups]
+    blocks = []
+    for (count, length), *group in zip(pack.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
+        # [count*length, H, D] -> [count, H, length, D]: a view (only the token axis is split).
+        out = attention(*(t.unflatten(0, (count, length)).transpose(1, 2) for t in group), backend,
+                        scale=scale, dropout_p=dropout_p)
+        blocks.append(out.transpose(1, 2).reshape(count * length, heads * head_dim))
+    return blocks
+
+
+def packed_linear(blocks: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(torch.cat(blocks), weight, bias)` without the concatenation: blocks `[rows_i, in]`,
+    weight `[out, in]`, bias `[out]` -> `[sum rows_i, out]`, each block's rows of the output written
+    by its own matmul. Under autocast it computes in the autocast dtype, as F.linear does.
+
+    Numerics against the twin (F.linear over the concatenation), fp32 and bf16: the output and
+    the blocks' gradients are the same per-row products, bit-identical where the BLAS runs the same
+    kernel for a block as for the whole (on the CPU: blocks of 15 rows or more; DINO's have
+    thousands), else within float rounding (a few ulps); the weight gradient is the very GEMM
+    F.linear's backward runs, over the blocks concatenated in the backward (one `[rows, in]` copy
+    there instead of two in every forward), so bit-identical; the bias gradient is the same sum.
+    Only the blocks are kept for the backward (the attention keeps them anyway), not their
+    concatenation: one `[rows, in]` activation less per call.
+    """
+    if len(blocks) == 1:
+        return F.linear(blocks[0], weight, bias)
+    device_type = blocks[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        # The autograd.Function below runs out= matmuls, which autocast does not cast: cast as F.linear would.
+        dtype = torch.get_autocast_dtype(device_type)
+        blocks = [b.to(dtype) for b in blocks]
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return _PackedLinear.apply(weight, bias, *blocks)
+
+
+class _PackedLinear(torch.autograd.Function):
+    """Linear over row blocks into one output (see `packed_linear`)."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, *blocks):
+        out = blocks[0].new_empty(sum(b.shape[0] for b in blocks), weight.shape[0])
+        row = 0
+        for block in blocks:
+            rows = out.narrow(0, row, block.shape[0])  # contiguous rows: the matmul writes in place, no copy
+            if bias is None:
+                torch.mm(block, weight.t(), out=rows)
+            else:
+                torch.addmm(bias, block, weight.t(), out=rows)
+            row += block.shape[0]
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(weight, *blocks)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, *blocks = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_blocks, row = [], 0
+        # The backward may run inside an autocast region: keep the forward's dtype.
+        with torch.autocast(grad_out.device.type, enabled=False):
+            for i, block in enumerate(blocks):
+                grad_rows = grad_out.narrow(0, row, block.shape[0])
+                row += block.shape[0]
+                grad_blocks.append(grad_rows.mm(weight) if needs[2 + i] else None)
+            # One GEMM over all rows, as F.linear's backward (addmm's mat2 gradient, transposed): a
+            # sum of per-block GEMMs would round differently, and the fp32/bf16 curves would drift.
+            grad_weight = grad_out.t().mm(torch.cat(blocks)) if needs[0] else None
+            grad_bias = grad_out.sum(0) if ctx.has_bias and needs[1] else None
+        return grad_weight, grad_bias, *grad_blocks
 
 
 # Kept out of torch.compile graphs: whether dynamo traces xformers' operator dispatch and

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fastdino.models.attention import BACKENDS, PackedSequences, attention, attention_weights
+from fastdino.models.attention import (BACKENDS, PackedSequences, attention, attention_weights, packed_attention_rows,
+                                       packed_linear)
 
 DROP_PATH_IMPLS = ("subset", "per_sample")
 
@@ -71,7 +72,7 @@ def drop_add_residual_subset(x: torch.Tensor, branch: Callable, drop_prob: float
         # index_select, not x[chosen]: its backward is an index_add, much faster than index_put's.
         residual = branch(x.index_select(0, chosen), None)
         return torch.index_add(x, 0, chosen, residual.to(x.dtype), alpha=count / kept)
-    tokens = x[0]
+    tokens = x.squeeze(0)  # not x[0]: select's backward writes a zero-filled full-size gradient
     rows, sub_groups, scales = [], [], []
     for (count, length), start in zip(pack.groups, pack.group_starts()):
         kept = kept_sample_count(count, drop_prob)
@@ -80,7 +81,8 @@ def drop_add_residual_subset(x: torch.Tensor, branch: Callable, drop_prob: float
         sub_groups.append((kept, length))
         scales.append(count / kept)
     index = torch.cat(rows)
-    residual = branch(tokens.index_select(0, index).unsqueeze(0), PackedSequences(tuple(sub_groups)))[0].to(x.dtype)
+    residual = branch(tokens.index_select(0, index).unsqueeze(0), PackedSequences(tuple(sub_groups)))
+    residual = residual.squeeze(0).to(x.dtype)
     out, offset = tokens, 0
     for (kept, length), rows_of_group, scale in zip(sub_groups, rows, scales):
         n = kept * length
@@ -129,11 +131,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_bias=None, return_weights: bool = False):
         """`[B, N, C]` -> `[B, N, C]`; with `return_weights`, also the `[B, heads, N, N]`
-        attention probabilities (computed on the math path, the only one that has them)."""
+        attention probabilities (computed on the math path, the only one that has them).
+        With a `PackedSequences` bias (B = 1), the groups' attention outputs go straight into
+        the projection's one output (`packed_attention_rows`, `packed_linear`): no gather copy."""
         B, N, C = x.shape
-        # Heads are split as views: q/k/v keep the [B, N, heads, D] memory order xformers wants.
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        # q/k/v are views (unbind) in the [B, N, heads, D] memory order xformers wants; unbind's
+        # backward stacks their gradients straight into this layout (one copy, no reshape copy).
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
         dropout_p = self.attn_drop if self.training else 0.0
+        if isinstance(attn_bias, PackedSequences) and not return_weights:
+            if B != 1:
+                raise ValueError(f"packed attention wants a [1, {attn_bias.total_tokens}, C] input, "
+                                 f"got {tuple(x.shape)}")
+            blocks = packed_attention_rows(*qkv.squeeze(0).unbind(1), attn_bias, self.backend, scale=self.scale,
+                                           dropout_p=dropout_p)
+            return self.proj_drop(packed_linear(blocks, self.proj.weight, self.proj.bias)).unsqueeze(0)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         if return_weights:
             weights = attention_weights(q, k, scale=self.scale, attn_bias=attn_bias)
             out = F.dropout(weights, p=dropout_p) @ v
@@ -287,7 +300,7 @@ class VisionTransformer(nn.Module):
         """
         tokens = [self.prepare_tokens(x) for x in batches]
         pack = PackedSequences(tuple((t.shape[0], t.shape[1]) for t in tokens))
-        x = self.run_blocks(torch.cat([t.flatten(0, 1) for t in tokens]).unsqueeze(0), pack)[0]
+        x = self.run_blocks(torch.cat([t.flatten(0, 1) for t in tokens]).unsqueeze(0), pack).squeeze(0)
         # The final norm is per token: normalising only the CLS tokens gives the same CLS outputs.
         cls = [x[start:start + count * length].unflatten(0, (count, length))[:, 0]
                for (count, length), start in zip(pack.groups, pack.group_starts())]

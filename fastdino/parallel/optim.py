@@ -5,28 +5,103 @@ optimizer is handed: full per-parameter gradients (one process, or DeepSpeed
 stage 0), or the flat fp32 gradient partition that DeepSpeed ZeRO stage 1/2 gives
 its base optimizer one parameter group at a time.
 
-- Clipping (official): each parameter's gradient is scaled to norm <= clip_grad on
-  its own, not by the global norm. Under ZeRO a parameter may be split across
-  ranks, so its squared norm is summed from the fragments with one all-reduce per
-  parameter group (a few floats per parameter).
+- Clipping (official `utils.clip_gradients`): each parameter's gradient is scaled to
+  norm <= clip_grad on its own, not by the global norm. Under ZeRO a parameter may be
+  split across ranks, so its squared norm is summed from the fragments with one
+  all-reduce per parameter group (a few floats per parameter).
 - Frozen last layer (official: `param.grad = None` during the first epochs): the
   head's last layer has its own parameter groups; while `group["frozen"]` is set,
   step() leaves them out entirely, so the weights stay bit-identical and AdamW
   keeps no moments and no step count for them, exactly as with grad=None. This
   works for partitioned gradients too, where setting grad=None cannot.
+- The AdamW update (`impl`, decided once at construction and logged): "fused" (per
+  parameter group and dtype, one multi-tensor update kernel and the step-count increment,
+  instead of foreach's dozen multi-tensor ops) where every parameter is a floating-point
+  CUDA tensor, else torch's default for the device ("foreach" on CUDA,
+  "for_loop" on the CPU, where the update stays bit-identical to earlier runs). Both
+  DINO details compose with any of them: clipping rewrites the gradients before the
+  update, and every implementation walks `self.param_groups`, which step() narrows
+  to the groups that are not frozen.
+
+Launches of the clipping on CUDA, per parameter group: the norms are one multi-tensor
+`_foreach_norm` and the scales a few elementwise ops over all parameters, but the multiply
+by per-parameter scales runs one kernel per gradient: torch (checked up to 2.13) has no
+multi-tensor multiply by a different device scalar per tensor (`_foreach_mul_` with a list
+of 0-d tensors fails its fast path's same-shape check and loops, its `.Tensor` overload
+takes one 0-d tensor, `_foreach_addcmul_.Tensor` takes host scalars, which would need a
+host sync). A constant count needs a multi-tensor kernel of fastdino's own (a pointer table
+with one scale per tensor, as `fastdino_kernels.ema` has).
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.distributed as dist
 
+logger = logging.getLogger(__name__)
+
+ADAMW_IMPLS = ("fused", "foreach", "for_loop")
+
+
+def adamw_impl(name: str, params: list[torch.Tensor]) -> tuple[str, str]:
+    """(implementation, why) of the AdamW update `name` ("auto" or one of ADAMW_IMPLS) for `params`.
+
+    "auto" picks "fused" when every parameter is a floating-point CUDA tensor (torch's fused
+    kernel: fewer launches, same update up to float rounding), else torch's default: "foreach"
+    when every parameter is on a device with multi-tensor kernels, "for_loop" otherwise (the CPU).
+    Raises ValueError for an unknown name, and for "fused" when torch has no fused kernel for
+    some parameter's device or dtype.
+    """
+    from torch.utils._foreach_utils import (_get_foreach_kernels_supported_devices,
+                                            _get_fused_kernels_supported_devices)
+
+    if name not in ("auto", *ADAMW_IMPLS):
+        raise ValueError(f"unknown AdamW implementation {name!r}; choose one of auto, {', '.join(ADAMW_IMPLS)}")
+    if name == "fused":
+        unsupported = [p for p in params if not (p.is_floating_point()
+                                                 and p.device.type in _get_fused_kernels_supported_devices())]
+        if unsupported:
+            raise ValueError(f"AdamW impl 'fused' cannot run: torch has no fused kernel for {unsupported[0].dtype} "
+                             f"parameters on {unsupported[0].device.type}; use 'auto'")
+        return "fused", "asked for"
+    if name != "auto":
+        return name, "asked for"
+    if params and all(p.device.type == "cuda" and p.is_floating_point() for p in params):
+        return "fused", "every parameter is a floating-point CUDA tensor"
+    why = ("fused is picked on CUDA only; elsewhere torch's default update runs, as in earlier runs"
+           if params else "no parameters")
+    if params and all(p.device.type in _get_foreach_kernels_supported_devices() for p in params):
+        return "foreach", why
+    return "for_loop", why
+
 
 class DINOAdamW(torch.optim.AdamW):
-    def __init__(self, params, *, clip_grad: float, **kwargs):
-        super().__init__(params, **kwargs)
+    """torch.optim.AdamW plus DINO's per-parameter clipping (`clip_grad` > 0; 0 turns it off)
+    and frozen groups (`group["frozen"]`), both applied inside step(). `impl`: the AdamW update,
+    "auto" or one of ADAMW_IMPLS (see `adamw_impl`); other keyword arguments go to AdamW
+    (which owns `fused` and `foreach`: pass `impl` instead)."""
+
+    def __init__(self, params, *, clip_grad: float, impl: str = "auto", **kwargs):
+        if "fused" in kwargs or "foreach" in kwargs:
+            raise TypeError("DINOAdamW chooses fused/foreach itself: pass impl='fused', 'foreach' or 'for_loop'")
+        if isinstance(params, torch.Tensor):
+            raise TypeError("DINOAdamW wants an iterable of tensors or parameter-group dicts, got one tensor")
+        # Listed once: the choice below looks at the parameters, then AdamW takes the same groups.
+        params = [dict(g, params=[g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"]))
+                  if isinstance(g, dict) else g for g in params]
+        tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+        self.impl, why = adamw_impl(impl, tensors)
+        self._impl_flags = {"fused": self.impl == "fused", "foreach": self.impl == "foreach"}
+        super().__init__(params, **self._impl_flags, **kwargs)
+        # Fused AdamW would let a GradScaler hand it still-scaled gradients to unscale inside the
+        # kernel, after clipping had measured them: keep unscaling before step().
+        self._step_supports_amp_scaling = False
         self.clip_grad = clip_grad
         # Set by the ZeRO wiring: id(flat fp32 partition) -> its parameters' fragments.
         self.partition_fragments: dict[int, "PartitionFragments"] = {}
+        logger.info("AdamW %s on %s (%s)", self.impl.replace("_", "-"),
+                    ", ".join(sorted({p.device.type for p in tensors})), why)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -41,6 +116,20 @@ class DINOAdamW(torch.optim.AdamW):
         finally:
             self.param_groups = every_group
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """AdamW's, except that the update implementation stays this optimizer's: a checkpoint
+        written by another one (a CPU run resumed on a GPU, or the reverse) carries its own
+        `fused`/`foreach` flags, and the step counts where that one keeps them (fused: on the
+        parameter's device, else on the CPU)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.update(self._impl_flags)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and torch.is_tensor(state.get("step")):
+                    device = p.device if self.impl == "fused" else torch.device("cpu")
+                    state["step"] = state["step"].to(device=device, dtype=torch.float32)
+
     def _clip_group(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
@@ -52,8 +141,9 @@ class DINOAdamW(torch.optim.AdamW):
         else:
             grads = fragments.views(params[0].grad)
             norms = fragments.squared_norms(grads).sqrt()
-        scales = (self.clip_grad / (norms + 1e-6)).clamp(max=1.0)
         if grads:
+            # The official coefficient, clip / (norm + 1e-6), applied only where it is below 1.
+            scales = (self.clip_grad / (norms + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, list(scales.to(grads[0].dtype).unbind()))
 
 
