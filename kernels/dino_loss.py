@@ -4,32 +4,37 @@ Student logits S [V*B, K] are crop-major (rows v*B .. v*B+B-1 are crop v, crops 
 the global views); teacher logits T [NT*B, K] are view-major, teacher view i being the
 same image view as student crop i. With u = t - c, a = log2(e)/tau_t and b = log2(e)/tau_s,
 q_i = softmax(u_i/tau_t) and the loss is the mean over pairs (i, v), v != i, and images of
--sum_k q_i,k * log_softmax(s_v/tau_s)_k.
+-sum_k q_i,k * log_softmax(s_v/tau_s)_k. P_i denotes the crops paired with view i.
 
 For one image, with running maxima M_i of u_i and m_v of s_v, every quantity the loss needs
 is a sum over K that can be rescaled when a maximum grows:
 
-    Z_i  = sum_k 2^(a (u_ik - M_i))                     (teacher normaliser)
-    L_v  = sum_k 2^(b (s_vk - m_v))                     (student normaliser)
-    W_iv = sum_k 2^(a (u_ik - M_i)) * (s_vk - m_v)      (teacher-weighted student logits)
-    loss_iv = ln2 * (log2 L_v - b W_iv / Z_i)           (every term >= 0, no cancellation)
+    Z_i  = sum_k 2^(a (u_ik - M_i))                             (teacher normaliser)
+    L_v  = sum_k 2^(b (s_vk - m_v))                             (student normaliser)
+    W_i  = sum_k 2^(a (u_ik - M_i)) * sum_{v in P_i} (s_vk - m_v)  (teacher-weighted student logits)
+    loss_i = ln2 * (sum_{v in P_i} log2 L_v - b W_i / Z_i)        (every term >= 0, no cancellation)
 
-so the forward is ONE streaming pass over S and T. Maxima are subtracted before scaling by
-1/tau (and every exponential is one exp2), so logits of magnitude 1e4 lose nothing to the
-rounding of s/tau at magnitude 1e5.
+(M_i -> M_i' scales Z_i and W_i by 2^(a (M_i - M_i')); m_v -> m_v' scales L_v by
+2^(b (m_v - m_v')) and adds Z_i (m_v - m_v') to W_i for each view i paired with v), so the
+forward is ONE streaming pass over S and T, and partial sums over any column sets merge by the
+same rules. Maxima are subtracted before scaling by 1/tau (and every exponential is one exp2),
+so logits of magnitude 1e4 lose nothing to the rounding of s/tau at magnitude 1e5.
 
-Passes (see bench/kernels.md for the bytes):
-  forward  `_dino_loss_fwd_kernel`: grid (K-chunk, image group); a program walks the images
-           of its group and, for each, streams the tiles of its chunk for all V crops and
-           NT teacher views (each teacher tile read once per image), writing the chunk's
-           (M, Z, m, L, W) state and the group's teacher column sums.
+Passes (see bench/kernels.md for the bytes and the launch shapes):
+  forward  `_dino_loss_fwd_kernel`: grid (K-chunk, group of image sets); a program streams the
+           tiles of its chunk for IMAGES images side by side (one per warp on the GPU), each
+           image as LANES lanes of VEC adjacent columns. Every lane keeps the statistics above
+           over its own columns (no exchange between lanes per tile; crops are separate rows,
+           none padded); the lanes of an image are merged once, at the end of the chunk, into
+           the chunk's (M, Z, W, m, L) state. The program also adds the tile's teacher rows
+           of its images to the group's column sums.
            `_dino_loss_fwd_finalize_kernel`: merges the chunk states of each image into
            its loss and the per-row (max, log2 normaliser) pairs (the only thing backward
            keeps), and sums the groups' column sums.
   backward `_dino_loss_bwd_kernel`: grid (K-chunk, image); recomputes q and p from the
            saved row statistics and writes dL/ds = (n_v*p_v - sum_{i!=v} q_i) / tau_s
            * grad / (B * n_pairs), n_v being the number of teacher views paired with crop v.
-Column sums and chunk merges are fixed-order reductions: results are deterministic.
+Column sums and merges (lanes, chunks) are fixed-order reductions: results are deterministic.
 """
 from __future__ import annotations
 
@@ -45,8 +50,52 @@ from fastdino_kernels import use_triton
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-# The finalize kernel holds all chunk states of one image in registers (106 per thread at 128).
+# The finalize kernel holds all chunk states of one image in registers.
 MAX_FWD_CHUNKS = 128
+# Running maxima start here, not at -inf: a lane that has seen only masked columns keeps finite
+# references, so its rescale factors are 2^(huge negative) = 0 and its shift terms 0 * finite.
+# Logits must lie above it.
+M_INIT = tl.constexpr(-1e30)
+# GPU forward launch shape (see dino_loss_config and bench/kernels.md): columns per lane and
+# tile; programs per SM the grid is sized for (ptxas gives the forward 48-69 registers per
+# thread, so 7-10 fit; 6 keep 24 warps and about 43 KB of loads in flight per SM); the SASS
+# of starting an image set and merging its lanes at the end of a chunk (30 warp reductions,
+# about 480 instructions) in tiles (about 350).
+FWD_VEC = 2
+FWD_PROGRAMS_PER_SM = 6
+FWD_MERGE_TILES = 1.4
+
+
+@triton.jit
+def _to_fp32(x):
+    """x as fp32; bf16 through its bits (ptxas widens each half of a loaded pair with one shift
+    or mask, where the generic conversion takes three instructions per pair)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _sum_paired(rest, own, i: tl.constexpr):
+    """The sum over the crops paired with teacher view i: `rest` (crops NT..V-1, paired with
+    every view) plus own[j] (crop j, the same view as teacher view j) for j != i."""
+    for j in tl.static_range(len(own)):
+        if j != i:
+            rest += own[j]
+    return rest
+
+
+@triton.jit
+def _sum_over_images(x, IMAGES: tl.constexpr, TILE: tl.constexpr):
+    """[IMAGES, TILE] -> [TILE]: sums over the images (one per warp on the GPU) by halving, in a
+    fixed order. Each split needs its halves in one thread, so the images move through shared
+    memory once (sm_90: one stmatrix, two ldmatrix, two barriers); a tl.sum across warps would
+    also shuffle within warps."""
+    x = tl.trans(x)  # [TILE, IMAGES]
+    for _ in tl.static_range(IMAGES.bit_length() - 1):
+        lo, hi = tl.split(tl.reshape(x, [TILE, x.shape[1] // 2, 2]))
+        x = lo + hi
+    return tl.reshape(x, [TILE])
 
 
 @triton.jit
@@ -54,86 +103,161 @@ def _dino_loss_fwd_kernel(
     S,  # [V*B, K] student logits, crop-major
     T,  # [NT*B, K] teacher logits, view-major
     C,  # [K] fp32 centre
-    STATE,  # [B, n_chunks, 2*NT + 2*V + NT*V] fp32 out: (M, Z, m, L, W) of each image and chunk
+    STATE,  # [B, n_chunks, 3*NT + 2*V] fp32 out: (M, Z, W, m, L) of each image and chunk
     COLSUM,  # [n_groups, K] fp32 out: teacher column sums over the images of each group
     B,
     K,
     n_chunks,
-    chunk_len,  # columns per chunk, a multiple of BLOCK_K
+    chunk_len,  # columns per chunk, a multiple of LANES * VEC
     n_groups,
     s_scale,  # log2(e) / tau_s
     t_scale,  # log2(e) / tau_t
     V: tl.constexpr,
     NT: tl.constexpr,
-    V_PAD: tl.constexpr,
-    NT_PAD: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    IMAGES: tl.constexpr,  # images streamed side by side (one per warp on the GPU)
+    LANES: tl.constexpr,  # lanes per image (one per thread of its warp)
+    VEC: tl.constexpr,  # adjacent columns of a lane in one tile
+    MASKED: tl.constexpr,  # False where every tile is full: K % (LANES*VEC) == 0 and B % IMAGES == 0
 ):
+    TILE: tl.constexpr = LANES * VEC
     chunk = tl.program_id(0)
     group = tl.program_id(1)
     k_lo = chunk * chunk_len
     k_hi = tl.minimum(k_lo + chunk_len, K)
-    v = tl.arange(0, V_PAD)
-    i = tl.arange(0, NT_PAD)
-    v_ok = v < V
-    for b in range(group, B, n_groups):
-        s_row = (v * B + b).to(tl.int64) * K
-        M = tl.full([NT_PAD], float("-inf"), tl.float32)
-        Z = tl.zeros([NT_PAD], tl.float32)
-        W = tl.zeros([NT_PAD, V_PAD], tl.float32)
-        m = tl.full([V_PAD], float("-inf"), tl.float32)
-        L = tl.zeros([V_PAD], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            k_ok = cols < k_hi
-            # Padding crops load zeros: finite statistics that are never stored.
-            s = tl.load(S + s_row[:, None] + cols[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)
-            s = tl.where(k_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            d = s - m_new[:, None]
-            L = L * tl.exp2((m - m_new) * s_scale) + tl.sum(tl.exp2(d * s_scale), axis=1)
-            d = tl.where(k_ok[None, :], d, 0.0)
-            # W is measured from m: moving to m_new adds Z * (m - m_new). Before the first
-            # tile m = -inf while Z = W = 0, so the shift is 0 rather than 0 * inf.
-            shift = tl.where(m > float("-inf"), m - m_new, 0.0)
-            m = m_new
-            c = tl.load(C + cols, mask=k_ok, other=0.0, eviction_policy="evict_last")
-            t_sum = tl.zeros([BLOCK_K], tl.float32)
-            for view in tl.static_range(NT):
-                t = tl.load(T + (view * B + b).to(tl.int64) * K + cols, mask=k_ok, other=0.0,
-                            eviction_policy="evict_first").to(tl.float32)
-                t_sum += t
-                u = tl.where(k_ok, t - c, float("-inf"))
-                sel = i == view
-                M_old = tl.max(tl.where(sel, M, float("-inf")), axis=0)
-                Z_old = tl.sum(tl.where(sel, Z, 0.0), axis=0)
-                W_old = tl.sum(tl.where(sel[:, None], W, 0.0), axis=0)
-                M_new = tl.maximum(M_old, tl.max(u, axis=0))
-                alpha = tl.exp2((M_old - M_new) * t_scale)
-                e = tl.exp2((u - M_new) * t_scale)
-                W_new = alpha * (W_old + Z_old * shift) + tl.sum(e[None, :] * d, axis=1)
-                M = tl.where(sel, M_new, M)
-                Z = tl.where(sel, alpha * Z_old + tl.sum(e, axis=0), Z)
-                W = tl.where(sel[:, None], W_new[None, :], W)
-            # The program owns these columns of its group's row: the first image writes,
-            # the next ones add (the same thread reads back what it stored). k_prev masks
-            # every column for the first image, which has no earlier sum.
-            k_prev = tl.where(b == group, k_lo, k_hi)
-            prev = tl.load(COLSUM + group * K + cols, mask=cols < k_prev, other=0.0)
-            tl.store(COLSUM + group * K + cols, prev + t_sum, mask=k_ok)
-        state = STATE + (b * n_chunks + chunk) * (2 * NT + 2 * V + NT * V)
-        i_ok = i < NT
-        tl.store(state + i, M, mask=i_ok)
-        tl.store(state + NT + i, Z, mask=i_ok)
-        tl.store(state + 2 * NT + v, m, mask=v_ok)
-        tl.store(state + 2 * NT + V + v, L, mask=v_ok)
-        tl.store(state + 2 * NT + 2 * V + i[:, None] * V + v[None, :], W, mask=i_ok[:, None] & v_ok[None, :])
+    rows = tl.cast(B, tl.int64) * K  # elements from crop v's rows to crop v+1's
+    first = tl.arange(0, IMAGES) == 0  # the image slot whose threads store the column sums
+    for image_set in range(group, tl.cdiv(B, IMAGES), n_groups):
+        b = image_set * IMAGES + tl.arange(0, IMAGES)
+        b_ok = b < B
+        row = b.to(tl.int64) * K
+        # Statistics of each lane over the columns it has seen so far, [IMAGES, LANES] each:
+        # per view M, Z, W, per crop m, L.
+        M = ()
+        Z = ()
+        W = ()
+        for i in tl.static_range(NT):
+            M = M + (tl.full([IMAGES, LANES], M_INIT, tl.float32), )
+            Z = Z + (tl.zeros([IMAGES, LANES], tl.float32), )
+            W = W + (tl.zeros([IMAGES, LANES], tl.float32), )
+        m = ()
+        L = ()
+        for v in tl.static_range(V):
+            m = m + (tl.full([IMAGES, LANES], M_INIT, tl.float32), )
+            L = L + (tl.zeros([IMAGES, LANES], tl.float32), )
+        for k0 in range(k_lo, k_hi, TILE):
+            # Rows are loaded as [IMAGES, TILE] (contiguous columns: vector loads, one image
+            # per warp) and viewed as [IMAGES, LANES, VEC]: reductions over VEC stay in a thread.
+            cols = k0 + tl.arange(0, TILE)
+            if MASKED:
+                ok2 = b_ok[:, None] & (cols < k_hi)[None, :]
+            else:
+                ok2 = tl.full([IMAGES, TILE], True, tl.int1)
+            ok = tl.reshape(ok2, [IMAGES, LANES, VEC])
+            offs = row[:, None] + cols[None, :]  # [IMAGES, TILE]
+            # Every image reads the centre (the re-reads hit L1).
+            c = tl.load(C + cols[None, :] + 0 * row[:, None], mask=ok2, other=0.0, eviction_policy="evict_last")
+            # Teacher views: new maxima M', rescale factors 2^(a (M - M')), weights 2^(a (u - M')).
+            # (No eviction hints on the streamed rows: on sm_90 each hinted load rebuilds its
+            # cache-policy descriptor, 5 instructions.)
+            M_next = ()
+            Z_next = ()
+            alpha = ()
+            e = ()
+            for i in tl.static_range(NT):
+                t = _to_fp32(tl.load(T + i * rows + offs, mask=ok2, other=0.0))
+                if i == 0:
+                    t_sum = t
+                else:
+                    t_sum += t
+                u = tl.reshape(tl.where(ok2, t - c, float("-inf")), [IMAGES, LANES, VEC])
+                M_i = tl.maximum(M[i], tl.max(u, axis=2))
+                e_i = tl.exp2((u - M_i[:, :, None]) * t_scale)
+                alpha_i = tl.exp2((M[i] - M_i) * t_scale)
+                M_next = M_next + (M_i, )
+                Z_next = Z_next + (Z[i] * alpha_i + tl.sum(e_i, axis=2), )
+                alpha = alpha + (alpha_i, )
+                e = e + (e_i, )
+            # Student crops: d = s - m' (m' the lane's new maximum), the lane's normaliser, and
+            # the sums of d over the crops each view is paired with.
+            m_next = ()
+            L_next = ()
+            d_own = ()  # crops 0..NT-1, each paired with every view but its own
+            shift_own = ()
+            for v in tl.static_range(V):
+                s = tl.load(S + v * rows + offs, mask=ok2, other=float("-inf"))
+                s = tl.reshape(_to_fp32(s), [IMAGES, LANES, VEC])
+                m_v = tl.maximum(m[v], tl.max(s, axis=2))
+                d = s - m_v[:, :, None]
+                shift = m[v] - m_v
+                m_next = m_next + (m_v, )
+                L_next = L_next + (L[v] * tl.exp2(shift * s_scale) + tl.sum(tl.exp2(d * s_scale), axis=2), )
+                if v < NT:
+                    d_own = d_own + (d, )
+                    shift_own = shift_own + (shift, )
+                elif v == NT:  # crops NT..V-1 are paired with every view
+                    d_rest = d
+                    shift_rest = shift
+                else:
+                    d_rest += d
+                    shift_rest += shift
+            if V <= NT:  # no crop beyond the views' own (not a training shape)
+                d_rest = tl.zeros([IMAGES, LANES, VEC], tl.float32)
+                shift_rest = tl.zeros([IMAGES, LANES], tl.float32)
+            # W_i sums 2^(a (u_i - M_i)) * d over the crops paired with view i; moving the crops'
+            # maxima from m to m' adds Z_i * (their shifts), moving M_i to M_i' scales by alpha_i.
+            W_next = ()
+            for i in tl.static_range(NT):
+                # Masked columns have d = -inf and weight 0.
+                d_paired = tl.where(ok, _sum_paired(d_rest, d_own, i), 0.0)
+                W_next = W_next + (alpha[i] * (W[i] + Z[i] * _sum_paired(shift_rest, shift_own, i))
+                                   + tl.sum(e[i] * d_paired, axis=2), )
+            M = M_next
+            Z = Z_next
+            W = W_next
+            m = m_next
+            L = L_next
+            # The program owns these columns of its group's row: the first image set writes,
+            # the next ones add; the threads of image slot 0 store and read back. k_prev masks
+            # every column for the first image set, which has no earlier sum.
+            col_sum = _sum_over_images(t_sum, IMAGES, TILE)[None, :]  # [1, TILE]
+            k_prev = tl.where(image_set == group, k_lo, k_hi)
+            sums = COLSUM + group * K + cols[None, :] + 0 * row[:, None]  # [IMAGES, TILE]
+            prev = tl.load(sums, mask=first[:, None] & (cols < k_prev)[None, :], other=0.0)
+            tl.store(sums, prev + col_sum, mask=first[:, None] & (cols < k_hi)[None, :])
+        # Merge the lanes of each image, once per chunk: common maxima, then rescaled sums.
+        # Lane 0 of each image stores: [IMAGES, LANES] stores (contiguous along the lanes, so
+        # that their layout is the reductions' own) need no exchange through shared memory.
+        lane = tl.arange(0, LANES)[None, :]
+        lane0 = b_ok[:, None] & (lane == 0)
+        state = STATE + (b * n_chunks + chunk)[:, None] * (3 * NT + 2 * V) + lane
+        shift_own = ()
+        for v in tl.static_range(V):
+            m_all = tl.max(m[v], axis=1)[:, None]
+            shift = m[v] - m_all
+            tl.store(state + 3 * NT + v, tl.broadcast_to(m_all, [IMAGES, LANES]), mask=lane0)
+            L_all = tl.sum(L[v] * tl.exp2(shift * s_scale), axis=1)[:, None]
+            tl.store(state + 3 * NT + V + v, tl.broadcast_to(L_all, [IMAGES, LANES]), mask=lane0)
+            if v < NT:
+                shift_own = shift_own + (shift, )
+            elif v == NT:
+                shift_rest = shift
+            else:
+                shift_rest += shift
+        if V <= NT:
+            shift_rest = tl.zeros([IMAGES, LANES], tl.float32)
+        for i in tl.static_range(NT):
+            M_all = tl.max(M[i], axis=1)[:, None]
+            alpha_i = tl.exp2((M[i] - M_all) * t_scale)
+            Z_all = tl.sum(alpha_i * Z[i], axis=1)[:, None]
+            W_all = tl.sum(alpha_i * (W[i] + Z[i] * _sum_paired(shift_rest, shift_own, i)), axis=1)[:, None]
+            tl.store(state + i, tl.broadcast_to(M_all, [IMAGES, LANES]), mask=lane0)
+            tl.store(state + NT + i, tl.broadcast_to(Z_all, [IMAGES, LANES]), mask=lane0)
+            tl.store(state + 2 * NT + i, tl.broadcast_to(W_all, [IMAGES, LANES]), mask=lane0)
 
 
 @triton.jit
 def _dino_loss_fwd_finalize_kernel(
-    STATE,  # [B, n_chunks, 2*NT + 2*V + NT*V] fp32: (M, Z, m, L, W) of each image and chunk
+    STATE,  # [B, n_chunks, 3*NT + 2*V] fp32: (M, Z, W, m, L) of each image and chunk
     COLSUM,  # [n_groups, K] fp32: teacher column sums of each image group
     LOSS,  # [B] fp32 out: loss terms of each image, already divided by B * n_pairs
     STATS_S,  # [2, V*B] fp32 out: (m, log2 L) of each student row
@@ -156,7 +280,7 @@ def _dino_loss_fwd_finalize_kernel(
 ):
     pid = tl.program_id(0)
     if pid < B:
-        # Programs [0, B): merge the chunk states of image b (log-sum-exp merge).
+        # Programs [0, B): merge the chunk states of image b, as the forward merged its lanes.
         b = pid
         j = tl.arange(0, CHUNK_PAD)
         i = tl.arange(0, NT_PAD)
@@ -164,33 +288,32 @@ def _dino_loss_fwd_finalize_kernel(
         j_ok = j < n_chunks
         i_ok = i < NT
         v_ok = v < V
-        row = (b * n_chunks + j) * (2 * NT + 2 * V + NT * V)
+        row = (b * n_chunks + j) * (3 * NT + 2 * V)
         ji = row[:, None] + i[None, :]
         ji_ok = j_ok[:, None] & i_ok[None, :]
-        jv = row[:, None] + v[None, :]
+        jv = row[:, None] + 3 * NT + v[None, :]
         jv_ok = j_ok[:, None] & v_ok[None, :]
         # Padding views/crops read 0 (finite, discarded below); padding chunks get -inf
-        # maxima so that their weights 2^(M_j - M) vanish.
+        # maxima so that their weights vanish, and shifts of 0 rather than -inf.
         M = tl.where(j_ok[:, None], tl.load(STATE + ji, mask=ji_ok, other=0.0), float("-inf"))
         Z = tl.load(STATE + NT + ji, mask=ji_ok, other=0.0)
-        m = tl.where(j_ok[:, None], tl.load(STATE + 2 * NT + jv, mask=jv_ok, other=0.0), float("-inf"))
-        L = tl.load(STATE + 2 * NT + V + jv, mask=jv_ok, other=0.0)
-        W = tl.load(STATE + 2 * NT + 2 * V + row[:, None, None] + i[None, :, None] * V + v[None, None, :],
-                    mask=ji_ok[:, :, None] & v_ok[None, None, :], other=0.0)
+        W = tl.load(STATE + 2 * NT + ji, mask=ji_ok, other=0.0)
+        m = tl.where(j_ok[:, None], tl.load(STATE + jv, mask=jv_ok, other=0.0), float("-inf"))
+        L = tl.load(STATE + V + jv, mask=jv_ok, other=0.0)
 
         M_all = tl.max(M, axis=0)
         alpha = tl.exp2((M - M_all[None, :]) * t_scale)
-        Z_all = tl.sum(alpha * Z, axis=0)
         m_all = tl.max(m, axis=0)
-        L_all = tl.sum(tl.exp2((m - m_all[None, :]) * s_scale) * L, axis=0)
-        shift = tl.where(j_ok[:, None], m - m_all[None, :], 0.0)
-        W_all = tl.sum(alpha[:, :, None] * (W + Z[:, :, None] * shift[:, None, :]), axis=0)
-
-        Z_all = tl.where(i_ok, Z_all, 1.0)
+        shift = tl.where(jv_ok, m - m_all[None, :], 0.0)
+        L_all = tl.sum(tl.exp2(shift * s_scale) * L, axis=0)
+        Z_all = tl.where(i_ok, tl.sum(alpha * Z, axis=0), 1.0)
+        pair = v_ok[None, :] & (i[:, None] != v[None, :])  # [NT_PAD, V_PAD]
+        shift_paired = tl.sum(tl.where(pair[None, :, :], shift[:, None, :], 0.0), axis=2)
+        W_all = tl.sum(alpha * (W + Z * shift_paired), axis=0)
+        # Loss of view i: its paired crops' log2 L_v, minus b W_i / Z_i (every term >= 0).
         log2_L = tl.log2(tl.where(v_ok, L_all, 1.0))
-        pair = i_ok[:, None] & v_ok[None, :] & (i[:, None] != v[None, :])
-        terms = tl.where(pair, log2_L[None, :] - s_scale * W_all / Z_all[:, None], 0.0)
-        tl.store(LOSS + b, tl.sum(tl.sum(terms, axis=1), axis=0) * loss_scale)
+        terms = tl.sum(tl.where(pair, log2_L[None, :], 0.0), axis=1) - s_scale * W_all / Z_all
+        tl.store(LOSS + b, tl.sum(tl.where(i_ok, terms, 0.0), axis=0) * loss_scale)
         tl.store(STATS_T + i * B + b, M_all, mask=i_ok)
         tl.store(STATS_T + NT * B + i * B + b, tl.log2(Z_all), mask=i_ok)
         tl.store(STATS_S + v * B + b, m_all, mask=v_ok)
@@ -263,11 +386,19 @@ def _dino_loss_bwd_kernel(
 
 @dataclass(frozen=True)
 class DinoLossConfig:
-    """Launch shape of the kernels; `dino_loss_config` picks it from the problem size."""
+    """Launch shape of the kernels; `dino_loss_config` picks it from the problem size.
 
-    block_k: int  # columns per tile, a power of two
+    A forward tile is `fwd_lanes * fwd_vec` columns of every row of `fwd_images` images; on the
+    GPU `fwd_images * fwd_lanes` should be 32 * num_warps (one lane per thread, one image per
+    warp), any powers of two are correct.
+    """
+
+    fwd_images: int  # forward: images streamed side by side, a power of two
+    fwd_lanes: int  # forward: lanes per image (each keeps its own statistics), a power of two
+    fwd_vec: int  # forward: adjacent columns of a lane per tile, a power of two
     fwd_chunk_tiles: int  # forward: tiles per K-chunk; one program per (chunk, image group)
-    fwd_groups: int  # forward: image groups; a program walks its group's images in turn
+    fwd_groups: int  # forward: groups of image sets; a program walks its group's sets in turn
+    block_k: int  # backward: columns per tile, a power of two
     bwd_chunk_tiles: int  # backward: tiles per program; one program per (chunk, image)
     num_warps: int = 4
 
@@ -276,13 +407,13 @@ def dino_loss_config(batch: int, n_crops: int, n_teacher: int, K: int, device: t
                      num_sms: int | None = None) -> DinoLossConfig:
     """Default launch shape.
 
-    GPU: a tile holds all crops of one image, about 4096 values, with 4 warps. For sm_90
-    ptxas gives the forward 96-128 registers per thread (4-5 programs per SM, 35-64 KB of
-    loads in flight per SM) and the backward 40-90 (see bench/kernels.md), so the forward
-    launches at most 4 programs per SM, all resident at once, split over K-chunks (each costs
-    B * (2*NT + 2*V + NT*V) * 4 bytes of state) and image groups (each costs K * 4 bytes of
-    column sums) so as to balance the two. The backward has no such costs: about 8 programs
-    per SM. The interpreter prefers few, wide tiles.
+    GPU forward: one image per warp, 32 lanes of FWD_VEC columns (64-column tiles, 3584 values
+    of 4 images at 12 crops and 2 views); FWD_PROGRAMS_PER_SM programs per SM, all resident in
+    one wave, split over K-chunks (each image set pays one merge of its lanes per chunk, about
+    FWD_MERGE_TILES tiles) and groups of image sets (each group costs K * 8 bytes of column
+    sums, written and read back), whichever costs least on the busiest SM. The backward: a
+    tile holds all crops of one image, about 4096 values, about 8 programs per SM. The
+    interpreter prefers few, wide tiles in one program.
 
     num_sms: SMs of the target GPU, instead of asking `device`; given, the GPU shape is
     returned whatever the device (bench/kernel_report.py compiles for an H100 without one).
@@ -290,24 +421,33 @@ def dino_loss_config(batch: int, n_crops: int, n_teacher: int, K: int, device: t
     rows = triton.next_power_of_2(n_crops)
     if num_sms is not None or device.type == "cuda":
         sms = num_sms if num_sms is not None else torch.cuda.get_device_properties(device).multi_processor_count
-        block_k, min_block_k = min(2048, max(128, 4096 // rows)), 256
-        fwd_programs, bwd_programs = 4 * sms, 8 * sms
+        block_k, bwd_programs = min(2048, max(128, 4096 // rows)), 8 * sms
+        images, lanes, vec, fwd_programs = 4, 32, FWD_VEC, FWD_PROGRAMS_PER_SM * sms
     else:
-        block_k = min_block_k = min(4096, max(64, 32768 // rows))
-        fwd_programs = bwd_programs = 1
-    state_floats = 2 * n_teacher + 2 * n_crops + n_teacher * n_crops
-    groups = min(batch, max(1, round(math.sqrt(fwd_programs * batch * state_floats / K))))
-    chunks = min(MAX_FWD_CHUNKS, triton.cdiv(fwd_programs, groups))
-    while block_k > min_block_k and triton.cdiv(K, block_k) < chunks:
-        block_k //= 2  # enough tiles for the chunks
+        sms = 1
+        block_k, bwd_programs = min(4096, max(64, 32768 // rows)), 1
+        images, lanes, vec, fwd_programs = min(4, triton.next_power_of_2(batch)), 512, 8, 1
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
     n_tiles = triton.cdiv(K, block_k)
-    fwd_chunk_tiles = triton.cdiv(n_tiles, min(chunks, n_tiles))
-    n_chunks = triton.cdiv(n_tiles, fwd_chunk_tiles)
     bwd_chunks = min(n_tiles, triton.cdiv(bwd_programs, batch))
-    return DinoLossConfig(block_k=block_k, fwd_chunk_tiles=fwd_chunk_tiles,
-                          fwd_groups=min(batch, max(1, fwd_programs // n_chunks)),
-                          bwd_chunk_tiles=triton.cdiv(n_tiles, bwd_chunks))
+    # Forward: the work of one program (all run at once, so an SM takes as long as its
+    # programs' longest) in tiles of one image set, plus the column sums as the tiles that
+    # move as many bytes (bf16 logits) spread over the SMs.
+    n_sets = triton.cdiv(batch, images)
+    fwd_tiles = triton.cdiv(K, lanes * vec)
+    tile_bytes = images * lanes * vec * (n_crops + n_teacher) * 2
+    best = None
+    for groups in sorted({triton.cdiv(n_sets, n) for n in range(1, n_sets + 1)}):
+        if groups > fwd_programs:
+            break
+        chunk_tiles = triton.cdiv(fwd_tiles, max(1, min(fwd_tiles, MAX_FWD_CHUNKS, fwd_programs // groups)))
+        cost = (triton.cdiv(n_sets, groups) * (chunk_tiles + FWD_MERGE_TILES) * fwd_programs / sms
+                + groups * K * 8 / (tile_bytes * sms))
+        if best is None or cost < best[0]:
+            best = (cost, groups, chunk_tiles)
+    _, groups, chunk_tiles = best
+    return DinoLossConfig(fwd_images=images, fwd_lanes=lanes, fwd_vec=vec, fwd_chunk_tiles=chunk_tiles,
+                          fwd_groups=groups, block_k=block_k, bwd_chunk_tiles=triton.cdiv(n_tiles, bwd_chunks))
 
 
 def _views(student: torch.Tensor, teacher: torch.Tensor, n_teacher: int) -> tuple[int, int]:
@@ -332,20 +472,21 @@ def _dino_loss_forward(student, teacher, center, student_temp, teacher_temp, n_t
     batch, n_crops = _views(student, teacher, n_teacher)
     K = student.shape[1]
     device = student.device
-    n_chunks = triton.cdiv(triton.cdiv(K, config.block_k), config.fwd_chunk_tiles)
+    tile = config.fwd_lanes * config.fwd_vec
+    n_chunks = triton.cdiv(triton.cdiv(K, tile), config.fwd_chunk_tiles)
     if n_chunks > MAX_FWD_CHUNKS:
         raise ValueError(f"dino_loss: {n_chunks} forward chunks, at most {MAX_FWD_CHUNKS}: raise fwd_chunk_tiles")
-    groups = min(batch, config.fwd_groups)
+    groups = min(triton.cdiv(batch, config.fwd_images), config.fwd_groups)
     v_pad, nt_pad = triton.next_power_of_2(n_crops), triton.next_power_of_2(n_teacher)
     f32 = dict(dtype=torch.float32, device=device)
-    state = torch.empty((batch, n_chunks, 2 * n_teacher + 2 * n_crops + n_teacher * n_crops), **f32)
+    state = torch.empty((batch, n_chunks, 3 * n_teacher + 2 * n_crops), **f32)
     colsum = torch.empty((groups, K), **f32)
     _dino_loss_fwd_kernel[(n_chunks, groups)](
         student, teacher, center, state, colsum,
-        batch, K, n_chunks, config.fwd_chunk_tiles * config.block_k, groups,
+        batch, K, n_chunks, config.fwd_chunk_tiles * tile, groups,
         LOG2E / student_temp, LOG2E / teacher_temp,
-        V=n_crops, NT=n_teacher, V_PAD=v_pad, NT_PAD=nt_pad, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, enable_fp_fusion=True,
+        V=n_crops, NT=n_teacher, IMAGES=config.fwd_images, LANES=config.fwd_lanes, VEC=config.fwd_vec,
+        MASKED=bool(K % tile or batch % config.fwd_images), num_warps=config.num_warps, enable_fp_fusion=True,
     )
     loss_per_image = torch.empty(batch, **f32)
     stats_s = torch.empty((2, n_crops * batch), **f32)
@@ -417,7 +558,8 @@ def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center
     callers choose `dino_loss_reference` there, never by silent fallback.
 
     student_logits [n_crops*B, K] (crop-major; crops 0..n_teacher_views-1 are the teacher's
-    views), teacher_logits [n_teacher_views*B, K], center [K] (or [1, K]); fp32, bf16 or fp16.
+    views), teacher_logits [n_teacher_views*B, K], center [K] (or [1, K]); fp32, bf16 or fp16,
+    finite logits above -1e30 (the kernels' initial maxima, M_INIT).
     Returns (loss: 0-d fp32, teacher_sum: [K] fp32 column sums of the raw teacher logits).
     Differentiable w.r.t. student_logits only; the gradient has the student's dtype.
     """

@@ -8,12 +8,16 @@ GPU this module imports the kernels with TRITON_INTERPRET=1 (then restores the e
 that other modules' dispatch is unaffected). If another test module imported triton first, the
 CPU cases skip and one test re-runs this file in a fresh interpreter process instead.
 """
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from kernel_subprocess import (assert_compiles_for_h100, assert_passes_under_interpreter, import_kernel_module,
-                               kernel_devices)
+from kernel_subprocess import (REPO_ROOT, assert_compiles_for_h100, assert_passes_under_interpreter,
+                               import_kernel_module, kernel_devices)
 
 dl = import_kernel_module("dino_loss")
 DinoLossConfig = dl.DinoLossConfig
@@ -77,18 +81,30 @@ def assert_matches(ours, ref, tol):
         assert rel_err(a, b) < tol, f"{name}: relative error {rel_err(a, b):.3g} >= {tol}"
 
 
-# (batch, n_crops, n_teacher, K, dtype, config): odd K with masked tails, 2+0 / 2+3 / 2+10
-# crops, one or two teacher views; small configs force several chunks, groups and tiles.
+def small_config(images, lanes, vec, chunk_tiles, groups):
+    """A forward launch shape for the interpreter (backward: 64-column tiles, 3 per program)."""
+    return DinoLossConfig(fwd_images=images, fwd_lanes=lanes, fwd_vec=vec, fwd_chunk_tiles=chunk_tiles,
+                          fwd_groups=groups, block_k=64, bwd_chunk_tiles=3)
+
+
+# (batch, n_crops, n_teacher, K, dtype, config): odd K with masked tails and full tiles
+# (K a multiple of the tile and the batch of the image sets: no masks), 2+0 / 2+3 / 2+8 / 2+10
+# crops (V not a power of two), one or two teacher views; small configs force several chunks,
+# groups, image sets per group (also unevenly), a last image set part empty, lanes that see no
+# column of a chunk.
 CASES = [
-    (3, 4, 2, 1000, torch.float32, DinoLossConfig(block_k=64, fwd_chunk_tiles=4, fwd_groups=2, bwd_chunk_tiles=3)),
-    (3, 12, 2, 1000, torch.float32, DinoLossConfig(block_k=128, fwd_chunk_tiles=3, fwd_groups=3, bwd_chunk_tiles=2)),
+    (3, 4, 2, 1000, torch.float32, small_config(images=2, lanes=8, vec=4, chunk_tiles=4, groups=1)),
+    (3, 12, 2, 1000, torch.float32, small_config(images=4, lanes=16, vec=2, chunk_tiles=3, groups=1)),
     (1, 2, 2, 7, torch.float32, None),
     (3, 3, 1, 1, torch.float32, None),
-    (3, 2, 1, 1000, torch.float32, DinoLossConfig(block_k=256, fwd_chunk_tiles=1, fwd_groups=2, bwd_chunk_tiles=4)),
+    (3, 2, 1, 1000, torch.float32, small_config(images=1, lanes=64, vec=4, chunk_tiles=1, groups=2)),
     (1, 4, 2, 65537, torch.float32, None),
-    (3, 5, 2, 1000, torch.bfloat16, DinoLossConfig(block_k=64, fwd_chunk_tiles=4, fwd_groups=2, bwd_chunk_tiles=3)),
+    (3, 5, 2, 1000, torch.bfloat16, small_config(images=2, lanes=8, vec=4, chunk_tiles=4, groups=1)),
     (1, 12, 1, 1000, torch.bfloat16, None),
     (3, 12, 2, 7, torch.float16, None),
+    (4, 10, 2, 1024, torch.bfloat16, small_config(images=2, lanes=16, vec=4, chunk_tiles=4, groups=1)),
+    (4, 12, 2, 512, torch.float32, small_config(images=4, lanes=8, vec=2, chunk_tiles=2, groups=1)),
+    (5, 10, 2, 999, torch.float32, small_config(images=2, lanes=8, vec=4, chunk_tiles=8, groups=2)),
 ]
 
 
@@ -104,7 +120,7 @@ def test_matches_reference(device, batch, n_crops, n_teacher, K, dtype, config, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_of_magnitude_1e4(device, dtype, poisoned_allocations):
     student, teacher, center = make_inputs(3, 5, 2, 1000, dtype, device, seed=7, scale=1e4)
-    config = DinoLossConfig(block_k=64, fwd_chunk_tiles=4, fwd_groups=2, bwd_chunk_tiles=3)
+    config = small_config(images=2, lanes=8, vec=4, chunk_tiles=4, groups=1)
     ours, ref = kernel_and_reference(student, teacher, center, 2, config)
     assert_matches(ours, ref, 1e-5 if dtype == torch.float32 else 1e-2)
 
@@ -112,7 +128,7 @@ def test_logits_of_magnitude_1e4(device, dtype, poisoned_allocations):
 @pytest.mark.parametrize("device", DEVICES)
 def test_rows_of_equal_logits(device, poisoned_allocations):
     batch, n_crops, K = 3, 5, 1000
-    config = DinoLossConfig(block_k=64, fwd_chunk_tiles=4, fwd_groups=2, bwd_chunk_tiles=3)
+    config = small_config(images=2, lanes=8, vec=4, chunk_tiles=4, groups=1)
     # Every row constant: q and p uniform, loss ln K, gradient 0.
     student = torch.full((n_crops * batch, K), 3.7, device=device)
     teacher = torch.full((2 * batch, K), -2.0, device=device)
@@ -134,7 +150,7 @@ def test_noncontiguous_inputs(device):
     base = student.clone().requires_grad_()
     strided = base[:, ::2]  # [12, 1000], row stride 2000, column stride 2
     teacher_t = teacher[:, ::2].t().contiguous().t()  # column-major
-    config = DinoLossConfig(block_k=64, fwd_chunk_tiles=4, fwd_groups=2, bwd_chunk_tiles=3)
+    config = small_config(images=2, lanes=8, vec=4, chunk_tiles=4, groups=1)
     loss, teacher_sum = dl.dino_loss(strided, teacher_t, center[::2], STUDENT_TEMP, 0.04, config=config)
     loss.backward()
     s_ref = student[:, ::2].contiguous().requires_grad_()
@@ -148,7 +164,7 @@ def test_noncontiguous_inputs(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_only_does_no_backward_work(device, monkeypatch):
     student, teacher, center = make_inputs(3, 4, 2, 1000, torch.float32, device, seed=5)
-    config = DinoLossConfig(block_k=64, fwd_chunk_tiles=4, fwd_groups=2, bwd_chunk_tiles=3)
+    config = small_config(images=2, lanes=8, vec=4, chunk_tiles=4, groups=1)
     with_grad, _ = dl.dino_loss(student.clone().requires_grad_(), teacher, center, STUDENT_TEMP, 0.04, config=config)
 
     def no_backward(*args, **kwargs):
@@ -177,13 +193,13 @@ def test_default_gpu_config(device, monkeypatch, poisoned_allocations):
     this runs it through the interpreter)."""
     h100 = type("Props", (), {"multi_processor_count": 132})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: h100)
-    for batch, n_crops, K in [(64, 12, 65536), (128, 12, 65536), (32, 8, 65536), (1, 2, 65537), (8, 12, 4096)]:
+    for batch, n_crops, K in [(64, 12, 65536), (128, 10, 65536), (32, 8, 65536), (1, 2, 65537), (8, 12, 4096)]:
         config = dl.dino_loss_config(batch, n_crops, 2, K, torch.device("cuda"))
-        n_tiles = math.ceil(K / config.block_k)
-        n_chunks = math.ceil(n_tiles / config.fwd_chunk_tiles)
+        n_chunks = math.ceil(math.ceil(K / (config.fwd_lanes * config.fwd_vec)) / config.fwd_chunk_tiles)
+        assert config.fwd_images * config.fwd_lanes == 32 * config.num_warps  # one image per warp, lane per thread
+        assert n_chunks <= dl.MAX_FWD_CHUNKS and 1 <= config.fwd_groups <= math.ceil(batch / config.fwd_images)
+        assert n_chunks * config.fwd_groups <= dl.FWD_PROGRAMS_PER_SM * 132  # all forward programs resident at once
         assert config.block_k & (config.block_k - 1) == 0 and config.block_k >= 128
-        assert n_chunks <= dl.MAX_FWD_CHUNKS and 1 <= config.fwd_groups <= batch
-        assert n_chunks * config.fwd_groups <= 4 * 132  # all forward programs resident at once
     config = dl.dino_loss_config(8, 12, 2, 4096, torch.device("cuda"))
     student, teacher, center = make_inputs(8, 12, 2, 4096, torch.float32, device, seed=8)
     ours, ref = kernel_and_reference(student, teacher, center, 2, config)
@@ -253,12 +269,13 @@ def compile_for_sm90(kernel, pointers, ints, floats, constexprs, num_warps):
     triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=num_warps, enable_fp_fusion=True))
 
-for dtype, V, NT, block_k in [("bf16", 12, 2, 256), ("fp32", 3, 1, 1024), ("fp16", 2, 2, 2048)]:
+for dtype, V, NT, block_k, vec, masked in [("bf16", 12, 2, 256, 2, False), ("fp32", 3, 1, 1024, 4, True),
+                                           ("fp16", 2, 2, 2048, 2, True)]:
     shape = dict(V=V, NT=NT, V_PAD=triton.next_power_of_2(V), NT_PAD=triton.next_power_of_2(NT))
     f32 = "*fp32"
     compile_for_sm90(dl._dino_loss_fwd_kernel, dict(S="*" + dtype, T="*" + dtype, C=f32, STATE=f32, COLSUM=f32),
                      ("B", "K", "n_chunks", "chunk_len", "n_groups"), ("s_scale", "t_scale"),
-                     dict(shape, BLOCK_K=block_k), 4)
+                     dict(V=V, NT=NT, IMAGES=4, LANES=32, VEC=vec, MASKED=masked), 4)
     compile_for_sm90(dl._dino_loss_fwd_finalize_kernel,
                      dict(STATE=f32, COLSUM=f32, LOSS=f32, STATS_S=f32, STATS_T=f32, TEACHER_SUM=f32),
                      ("B", "K", "n_chunks", "n_groups"), ("s_scale", "t_scale", "loss_scale"),
@@ -275,6 +292,33 @@ def test_kernels_compile_for_h100_without_a_gpu():
     """The interpreter accepts programs the GPU compiler rejects: compile every kernel to sm_90
     machine code (Triton ships ptxas) in a process where triton is not interpreted."""
     assert_compiles_for_h100(COMPILE_FOR_H100)
+
+
+def test_forward_resources_on_sm90(tmp_path):
+    """The forward as dino_loss launches it at the training shapes (B 64 and 128, 10 and 12
+    crops, bf16 and fp32), compiled for sm_90 by bench/kernel_report.py without a GPU: no warp
+    shuffle in the loop over K tiles (each lane keeps its own statistics until the end of its
+    chunk), at most 400 SASS instructions per tile at bf16 and 12 crops (a tile holds 3584
+    logits, as the 256-column tiles of one image with its crops padded to 16 did before), no
+    spill store in the loop, and every program resident at once with at least 4 per SM. Spills:
+    none with the GPU machine's ptxas 12.8 (Triton 3.6); ptxas 13.4 (Triton 3.9) keeps bf16 at
+    10 crops in 48 registers with one 4-byte spill, loaded once per tile."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    out = tmp_path / "report.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "bench/kernel_report.py", "--kernels", "fwd", "--json", str(out)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["batch"], r["crops"], r["dtype"]) for r in rows} == {
+        (b, v, d) for b in (64, 128) for v in (10, 12) for d in ("bf16", "fp32")}
+    for r in rows:
+        where = f"B {r['batch']}, {r['crops']} crops, {r['dtype']}: {r['n_regs']} registers"
+        assert r["tile_ops"]["SHFL"] == 0 and r["tile_ops"]["STL"] == 0, where
+        assert r["spill_store_bytes"] == 0 or (r["ptxas"] != "ptxas 12.8" and r["spill_store_bytes"] <= 4), where
+        assert r["blocks_per_sm"] >= max(4, dl.FWD_PROGRAMS_PER_SM) and r["waves"] <= 1, where
+        if r["dtype"] == "bf16" and r["crops"] == 12:
+            assert r["tile_instructions"] <= 400, where
 
 
 @pytest.mark.skipif(ON_CPU or torch.cuda.is_available(), reason="the kernels are tested in this process")
