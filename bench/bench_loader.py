@@ -1,22 +1,26 @@
-"""Loader benchmark: DINO multi-crop images per second and CPU cores used.
+"""Loader benchmark: DINO multi-crop images per second, CPU cores used, and images per CPU-second.
 
-    (a) pil       what the official DataAugmentationDINO does, in PIL, with worker processes
-                  (JPEG decode, RandomResizedCrop bicubic, flip, colour jitter in random order,
-                  grayscale, Gaussian blur, solarize, to float and normalise), no torchvision
-    (b) fastdino  fastdino.data.multicrop_loader on the CPU (FFCV decode + OpenCV uint8 crops in threads)
-    (c) gpu       fastdino.data.multicrop_loader on a CUDA GPU (nvJPEG decode + batched tensor crops, bf16),
-                  where a GPU is present
-    (d) gpu-bytes what (c) does after FFCV's reader, without FFCV (for GPU hosts that cannot build it):
+    (a) pil       the official DataAugmentationDINO recipe in PIL (JPEG decode, RandomResizedCrop bicubic,
+                  flip, colour jitter in random order, grayscale, Gaussian blur, solarize, to float and
+                  normalise; no torchvision) in this one process, through a torch DataLoader without workers
+    (b) pil       the same recipe as the official main_dino.py runs it: a torch DataLoader with --workers
+                  worker processes that collate batches into shared memory (--only pil runs (a) and (b))
+    (c) fastdino  fastdino.data.multicrop_loader on the CPU (FFCV decode + OpenCV uint8 crops in threads)
+    (d) gpu       fastdino.data.multicrop_loader on a CUDA GPU (nvJPEG decode + batched tensor crops, bf16,
+                  made ahead on a CUDA stream of their own), where a GPU is present
+    (e) gpu-bytes what (d) does after FFCV's reader, without FFCV (for GPU hosts that cannot build it):
                   NvJpegDecoder + fastdino.data.multicrop.TorchMultiCrop on batches of JPEG bytes held in
-                  memory, ImageNet-like (500 x 375 px, quality 90); also the decode alone. Run only
-                  when asked for (--only gpu-bytes), as no FFCV page reading is in it.
+                  memory, made ahead as in (d); also the decode alone. Run only when asked for
+                  (--only gpu-bytes), as no FFCV page reading is in it.
 
-(a) to (c) read the same JPEGs (scikit-image's sample photos, randomly cropped and resized up to
-512 px, written once) and produce 2 global + N local crops per image. (b) and (c) read them
-from a .beton and need FFCV; (a) does not, and runs without it. Each pipeline is set up
-once (the loader; PIL's worker pool lives for a pass, as its CPU time is counted when its
-workers end), warmed up by one pass, then timed over one pass. Cores used is
-(process + children CPU time) / wall time, so img/s per core compares the work per core.
+Every pipeline reads ImageNet-like JPEGs (500 x 375 or 375 x 500 px, quality 90, random crops of
+scikit-image's sample photos) and produces 2 global + N local crops per image. (c) and (d) read them
+from a .beton (FFCV re-encodes at quality 90) and need FFCV; (a) and (b) read the JPEG files and run
+without it. Each pipeline is set up once, warmed up by one pass (FFCV's JIT compile, page cache),
+then timed over one pass (steady state). CPU time is this process's and its reaped children's (user
++ system), so img/s per CPU-second compares the work each pipeline does per core and stays fair
+under other load; the 1-minute load average is recorded with each row. (a) is the honest baseline
+of the work itself; (b) adds what worker processes cost (start-up, collation into shared memory).
 
     python bench/bench_loader.py                      # 2 x 224 + 10 x 96, 512 images
     python bench/bench_loader.py --json cpu_loader.jsonl
@@ -36,7 +40,6 @@ import shlex
 import sys
 import tempfile
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 # As `fastdino bench` and `fastdino train` run (fastdino/cli.py): idle OpenMP threads sleep rather than
@@ -48,6 +51,9 @@ import torch  # noqa: E402
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PIL_ONE_PROCESS = "pil (official DataAugmentationDINO recipe), one process"
+PIL_WORKERS = "pil (official DataAugmentationDINO recipe), DataLoader worker processes"
+FASTDINO_CPU = "fastdino CPU (FFCV decode + OpenCV uint8 multi-crop threads)"
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -68,18 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """Random crops of scikit-image's photos, longer side 256..512 px, as JPEG files."""
-    rng = np.random.default_rng(seed)
-    photos = source_photos(rng)
-    paths = []
+    """`imagenet_like_jpegs` written as JPEG files into folder/images."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        image = Image.fromarray(random_crop(photos[i % len(photos)], rng))
-        longer = int(rng.integers(256, 513))
-        scale = longer / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+    paths = []
+    for i, blob in enumerate(imagenet_like_jpegs(count, seed)[0]):
         path = folder / "images" / f"{i:05d}.jpg"
-        image.save(path, quality=90)
+        path.write_bytes(blob)
         paths.append(path)
     return paths
 
@@ -188,15 +188,30 @@ def official_crops(job: tuple[str, int, int, int, int]) -> list[np.ndarray]:
     return views
 
 
-def run_pil(paths: list[Path], args) -> int:
-    """One pass; the pool lives for the pass, so its workers' CPU time is counted once they are reaped
-    (forking them costs milliseconds)."""
-    jobs = [(str(p), i, args.local_crops, args.global_size, args.local_size) for i, p in enumerate(paths)]
-    with Pool(args.workers) as pool:
-        done = 0
-        for views in pool.imap_unordered(official_crops, jobs, chunksize=4):
-            done += 1
-            assert len(views) == 2 + args.local_crops
+class OfficialViews(torch.utils.data.Dataset):
+    """The JPEG files as the official ImageFolder + DataAugmentationDINO give them: a list of 2 + N
+    float tensors [3, H, W] per image (the label is left out: it costs nothing)."""
+
+    def __init__(self, paths: list[Path], args):
+        self.jobs = [(str(p), i, args.local_crops, args.global_size, args.local_size) for i, p in enumerate(paths)]
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def __getitem__(self, index):
+        return [torch.from_numpy(view) for view in official_crops(self.jobs[index])]
+
+
+def run_pil(paths: list[Path], args, workers: int) -> int:
+    """One pass of the official recipe through a torch DataLoader, as main_dino.py runs it (batches,
+    drop_last off here so that every image counts); workers=0 runs it in this process. The workers
+    live for the pass, so their CPU time is counted once they are reaped (starting them costs
+    milliseconds)."""
+    loader = torch.utils.data.DataLoader(OfficialViews(paths, args), batch_size=args.batch_size, num_workers=workers)
+    done = 0
+    for views in loader:
+        done += len(views[0])
+        assert len(views) == 2 + args.local_crops
     return done
 
 
@@ -221,9 +236,11 @@ def run_fastdino(loader) -> int:
 
 # ---- (d) GPU decode + crops from JPEG bytes in memory, no FFCV ------------------------------------
 def gpu_bytes_runs(args) -> dict:
-    """{label: run} for NvJpegDecoder + multicrop over in-memory JPEG batches, and the decode alone;
-    each run is one pass over all images, synchronised at its end."""
+    """{label: run} for NvJpegDecoder + multicrop over in-memory JPEG batches, made ahead on their own
+    CUDA stream and handed over as the training loader does (fastdino.data.loader.prefetched), and
+    the decode alone; each run is one pass over all images, synchronised at its end."""
     from fastdino.data.gpu_decode import NvJpegDecoder, jpeg_rows
+    from fastdino.data.loader import prefetched
     from fastdino.data.multicrop import TorchMultiCrop
     from fastdino.data.recipe import ViewRecipe
 
@@ -234,20 +251,28 @@ def gpu_bytes_runs(args) -> dict:
     multicrop = TorchMultiCrop(ViewRecipe(args.local_crops, args.global_size, args.local_size), device="cuda",
                                dtype=torch.bfloat16)
 
-    def run(crops: bool) -> int:
-        done = 0
+    def crops():
         for index, (rows, sizes) in enumerate(batches):
-            canvases = decoder(rows, sizes)
-            if crops:
-                views = multicrop(canvases, sizes[:, :2], torch.Generator().manual_seed(index))
-                assert len(views) == 2 + args.local_crops
-            done += len(sizes)
+            views = multicrop(decoder(rows, sizes), sizes[:, :2], torch.Generator().manual_seed(index))
+            yield views, torch.zeros(len(sizes), device="cuda")
+
+    def run_crops() -> int:
+        done = 0
+        for views, _labels in prefetched(crops(), 3, "cuda"):
+            assert len(views) == 2 + args.local_crops
+            done += len(views[0])
         torch.cuda.synchronize()
         return done
 
+    def run_decode() -> int:
+        for rows, sizes in batches:
+            decoder(rows, sizes)
+        torch.cuda.synchronize()
+        return args.images
+
     source = "no FFCV: ImageNet-like JPEG bytes in memory"
-    return {f"gpu-bytes nvJPEG decode + batched tensor multi-crop, bf16 ({source})": lambda: run(True),
-            f"gpu-bytes nvJPEG decode only ({source})": lambda: run(False)}
+    return {f"gpu-bytes nvJPEG decode + batched tensor multi-crop, bf16, made ahead ({source})": run_crops,
+            f"gpu-bytes nvJPEG decode only ({source})": run_decode}
 
 
 def cpu_seconds() -> float:
@@ -256,13 +281,14 @@ def cpu_seconds() -> float:
 
 
 def measure(name: str, run) -> dict:
-    """Times one pass over the images after a warm-up pass (FFCV's JIT compile, CUDA start, page cache)."""
+    """Times one pass over the images after a warm-up pass (FFCV's JIT compile, CUDA start, page cache).
+    img_per_s_per_core is images per CPU-second; load_avg the 1-minute load average after the pass."""
     run()
     wall0, cpu0 = time.perf_counter(), cpu_seconds()
     images = run()
     wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
     return {"pipeline": name, "images": images, "seconds": wall, "img_per_s": images / wall,
-            "cores_used": cpu / wall, "img_per_s_per_core": images / cpu}
+            "cores_used": cpu / wall, "img_per_s_per_core": images / cpu, "load_avg": os.getloadavg()[0]}
 
 
 def main(argv=None) -> None:
@@ -294,7 +320,7 @@ def ffcv_missing(args) -> str | None:
 
 
 def file_pipelines(args) -> list[dict]:
-    """Rows of pipelines (a) to (c), over JPEG files and a .beton of them written to a temporary folder."""
+    """Rows of pipelines (a) to (d), over JPEG files and a .beton of them written to a temporary folder."""
     beton_wanted = args.only in (None, "fastdino", "gpu")
     missing = ffcv_missing(args) if beton_wanted else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -302,8 +328,8 @@ def file_pipelines(args) -> list[dict]:
         paths = write_jpegs(folder, args.images)
         rows = []
         if args.only in (None, "pil"):
-            rows.append(measure("pil (official DataAugmentationDINO recipe, worker processes)",
-                                lambda: run_pil(paths, args)))
+            rows.append(measure(PIL_ONE_PROCESS, lambda: run_pil(paths, args, 0)))
+            rows.append(measure(f"{PIL_WORKERS} ({args.workers} workers)", lambda: run_pil(paths, args, args.workers)))
         if missing:
             print(f"PIL pipeline only: {missing}")
         if not beton_wanted or missing:
@@ -311,11 +337,10 @@ def file_pipelines(args) -> list[dict]:
         from fastdino.data import convert_folder
 
         beton = folder / "bench.beton"
-        convert_folder(folder / "images", beton, max_resolution=512, progress=False)
+        convert_folder(folder / "images", beton, max_resolution=512, jpeg_quality=90, progress=False)
         if args.only in (None, "fastdino"):
             loader = fastdino_loader(beton, args, "cpu")
-            rows.append(measure("fastdino CPU (FFCV decode + OpenCV uint8 multi-crop threads)",
-                                lambda: run_fastdino(loader)))
+            rows.append(measure(FASTDINO_CPU, lambda: run_fastdino(loader)))
         if args.only in (None, "gpu") and torch.cuda.is_available():
             loader = fastdino_loader(beton, args, "cuda")
             rows.append(measure(f"fastdino GPU ({loader.decode} decode + batched tensor multi-crop, bf16)",
@@ -323,19 +348,32 @@ def file_pipelines(args) -> list[dict]:
     return rows
 
 
+def ratios(rows: list[dict]) -> list[str]:
+    """'fastdino CPU / <baseline>: R x' lines, images per CPU-second, against each PIL baseline measured."""
+    def row(prefix):
+        return next((r for r in rows if r["pipeline"].startswith(prefix)), None)
+
+    ours, lines = row(FASTDINO_CPU), []
+    baselines = ((row(PIL_ONE_PROCESS), "PIL in one process"), (row(PIL_WORKERS), "PIL in DataLoader workers"))
+    for baseline, what in baselines:
+        if ours and baseline:
+            ratio = ours["img_per_s_per_core"] / baseline["img_per_s_per_core"]
+            lines.append(f"fastdino CPU / {what}, images per CPU-second: {ratio:.2f}x")
+    return lines
+
+
 def report(rows: list[dict], args, triton) -> None:
-    """Prints the table and appends the JSON rows (--json)."""
+    """Prints the table and the ratios, and appends the JSON rows (--json)."""
     crops = f"2 x {args.global_size} + {args.local_crops} x {args.local_size}"
-    images = "ImageNet-like, 500x375" if args.only == "gpu-bytes" else "256-512 px"
-    print(f"\nmulti-crop loading, {crops} px crops, {args.images} JPEGs ({images}), {args.workers} workers, "
-          f"{os.cpu_count()} CPU cores")
+    print(f"\nmulti-crop loading, {crops} px crops, {args.images} ImageNet-like JPEGs (500x375), {args.workers} "
+          f"workers, {os.cpu_count()} CPU cores")
     width = max([62] + [len(row["pipeline"]) for row in rows])
-    print(f"{'pipeline':<{width}} {'img/s':>8} {'cores':>6} {'img/s/core':>11}")
+    print(f"{'pipeline':<{width}} {'img/s':>8} {'cores':>6} {'img/cpu-s':>10} {'load':>5}")
     for row in rows:
         print(f"{row['pipeline']:<{width}} {row['img_per_s']:>8.1f} {row['cores_used']:>6.2f} "
-              f"{row['img_per_s_per_core']:>11.1f}")
-    if len(rows) >= 2 and rows[0]["pipeline"].startswith("pil"):
-        print(f"fastdino CPU / pil per core: {rows[1]['img_per_s_per_core'] / rows[0]['img_per_s_per_core']:.2f}x")
+              f"{row['img_per_s_per_core']:>10.1f} {row['load_avg']:>5.1f}")
+    for line in ratios(rows):
+        print(line)
     if args.json:
         RESULTS_DIR.mkdir(exist_ok=True)
         device = f"CPU, {os.cpu_count()} cores"
@@ -349,7 +387,8 @@ def report(rows: list[dict], args, triton) -> None:
                 for what, unit in (("img_per_s", "img/s"), ("cores_used", "cores"),
                                    ("img_per_s_per_core", "img/s/core")):
                     f.write(json.dumps({"what": f"loader {row['pipeline']}, {crops} crops, {what}",
-                                        "value": round(row[what], 2), "unit": unit, **base}) + "\n")
+                                        "value": round(row[what], 2), "unit": unit,
+                                        "load_avg_1m": round(row["load_avg"], 2), **base}) + "\n")
 
 
 if __name__ == "__main__":

@@ -205,6 +205,25 @@ def test_nvjpeg_decode_of_jpeg_bytes_matches_pil():
         assert_decodes_alike(canvases[i, :h, :w].cpu(), torch.from_numpy(expected), i)
 
 
+@needs_nvimgcodec
+def test_nvjpeg_decoder_takes_jpeg_and_raw_rows_in_one_batch():
+    from fastdino.data.gpu_decode import NvJpegDecoder
+
+    blobs, decoded = photo_jpegs(3)
+    raw = np.ascontiguousarray(decoded[1][:37, :53])  # stored as RGB rows, between two JPEGs
+    shapes = [decoded[0].shape[:2], raw.shape[:2], decoded[2].shape[:2]]
+    rows, sizes = jpeg_rows([blobs[0], raw.tobytes(), blobs[2]], shapes)
+    sizes[1, 3] = 0
+    decoder = NvJpegDecoder("cuda")
+    canvases = decoder(rows, sizes).cpu()
+    assert torch.equal(canvases[1, :37, :53], torch.from_numpy(raw))
+    for i in (0, 2):
+        h, w = decoded[i].shape[:2]
+        assert_decodes_alike(canvases[i, :h, :w], torch.from_numpy(decoded[i]), i)
+    again = decoder(rows, sizes).cpu()  # the pinned staging buffers are reused safely (the padding is not written)
+    assert all(torch.equal(again[i, :h, :w], canvases[i, :h, :w]) for i, (h, w) in enumerate(shapes))
+
+
 @needs_cuda
 def test_batched_gpu_crops_match_cpu_reference():
     _, decoded = photo_jpegs()

@@ -23,7 +23,8 @@ import torch
 
 from fastdino.data.recipe import ViewDraws
 
-SOLARIZE_TABLE = np.where(np.arange(256) >= 128, 255 - np.arange(256), np.arange(256)).astype(np.uint8)
+# The aten op itself: torch.ops.aten's boxed dispatch costs ~10 us a call, a quarter of a small crop's resize.
+_resample_bicubic_aa = torch._C._nn._upsample_bicubic2d_aa
 
 
 def resize_crop(image, box, size, out=None, scratch=None):
@@ -41,8 +42,9 @@ def resize_crop(image, box, size, out=None, scratch=None):
         np.copyto(source, crop)
     if out is None:
         out = np.empty((size, size, 3), np.uint8)
-    torch.ops.aten._upsample_bicubic2d_aa.out(torch.from_numpy(source).permute(2, 0, 1)[None], [size, size], False,
-                                              None, None, out=torch.from_numpy(out).permute(2, 0, 1)[None])
+    # the [1, 3, h, w] views made by numpy (a tenth of the cost of torch's permute and indexing)
+    _resample_bicubic_aa(torch.from_numpy(source.transpose(2, 0, 1)[None]), [size, size], False,
+                         out=torch.from_numpy(out.transpose(2, 0, 1)[None]))
     return out
 
 
@@ -56,6 +58,13 @@ class Scratch(threading.local):
         key = (name, shape)
         if key not in self.buffers:
             self.buffers[key] = np.empty(shape, np.uint8)
+        return self.buffers[key]
+
+    def planes(self, size):
+        """Three uint8 [size, size] planes (the channels of a crop)."""
+        key = ("planes", size)
+        if key not in self.buffers:
+            self.buffers[key] = [np.empty((size, size), np.uint8) for _ in range(3)]
         return self.buffers[key]
 
     def flat(self, name, length):
@@ -117,8 +126,11 @@ def gaussian_blur(x, sigma, out=None):
     return cv2.sepFilter2D(x, -1, kernel, kernel, dst=out, borderType=cv2.BORDER_REPLICATE)
 
 
-def solarize(x, out=None):
-    return cv2.LUT(x, SOLARIZE_TABLE, dst=out)
+def solarize(x, out=None, scratch=None):
+    """PIL's ImageOps.solarize(threshold=128): x >= 128 becomes 255 - x. That is min(x, 255 - x), two
+    vectorised passes, a fifth of the time of a cv2.LUT table look-up."""
+    inverse = cv2.bitwise_not(x, dst=None if scratch is None else scratch.get("inverse", x.shape))
+    return cv2.min(x, inverse, dst=out)
 
 
 def augment_crop(x, i, draws, strengths, scratch=None):
@@ -148,7 +160,7 @@ def augment_crop(x, i, draws, strengths, scratch=None):
     if draws.blur[i]:
         step(gaussian_blur(x, draws.blur_sigma[i], out=spare))
     if draws.solarize[i]:
-        step(solarize(x, out=None if scratch is None else x))
+        step(solarize(x, out=None if scratch is None else x, scratch=scratch))
     return x
 
 
@@ -180,15 +192,17 @@ class CpuMultiCrop:
         draws = [ViewDraws(**{f.name: getattr(d, f.name).tolist() for f in dataclasses.fields(d)}) for d in draws]
         strengths, scales, shifts, scratch = self.recipe.jitter_strengths, self.scales, self.shifts, self.scratch
 
+        view_sizes = [view.shape[2] for view in views]
+
         def crop_image(i, height, width):
             image = canvases[i, :height, :width]
-            for view, view_draws in zip(views, draws):
-                size = view.shape[2]
-                crop = resize_crop(image, view_draws.boxes[i], size, scratch.get("crop", (size, size, 3)), scratch)
+            for view, view_draws, size in zip(views, draws, view_sizes):
+                crop_buffer, planes = scratch.get("crop", (size, size, 3)), scratch.planes(size)
+                crop = resize_crop(image, view_draws.boxes[i], size, crop_buffer, scratch)
                 crop = augment_crop(crop, i, view_draws, strengths, scratch)
-                planes = [scratch.get(f"plane{c}", (size, size)) for c in range(3)]
+                out = view[i]
                 for channel, plane in enumerate(cv2.split(crop, planes)):  # uint8 HWC -> normalised float CHW
-                    cv2.addWeighted(plane, scales[channel], plane, 0.0, shifts[channel], dst=view[i, channel],
+                    cv2.addWeighted(plane, scales[channel], plane, 0.0, shifts[channel], dst=out[channel],
                                     dtype=cv2.CV_32F)
 
         list(self.pool.map(crop_image, range(batch), *zip(*sizes.tolist())))

@@ -10,6 +10,8 @@ each batch holds. For the GPU path `StoredBytes` instead copies each sample's
 stored bytes (JPEG, or raw pixels) into a row, and nvJPEG decodes them on the GPU
 (gpu_decode.py). Augmentation is a separate stage (multicrop.py, cpu_crops.py).
 """
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -164,6 +166,10 @@ def _image_format(path) -> str | None:
 # which changes the hash of dispatcher signatures that contain that type (KeyErrors
 # in numba, or a silently dead decode thread).
 decode_jpeg = Compiler.compile(imdecode)
+# libc's memmove (overlap-safe), called from the numba decode loop through ctypes as FFCV calls libturbojpeg
+_memmove = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").memmove
+_memmove.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_memmove.restype = ctypes.c_void_p
 
 
 class CanvasDecoder(Operation):
@@ -181,6 +187,7 @@ class CanvasDecoder(Operation):
         read_sample = self.memory_read
         sample_range = Compiler.get_iterator()
         jpeg_mode = IMAGE_MODES["jpg"]
+        memmove = _memmove
 
         def decode(batch_indices, canvases, metadata, storage_state):
             canvas_row = np.int64(canvases.shape[2]) * 3
@@ -192,16 +199,16 @@ class CanvasDecoder(Operation):
                 # libjpeg-turbo writes packed rows (it takes no row stride), so decode
                 # packed at the start of the canvas, then move rows to their canvas
                 # offsets, last row first: a row's destination never lies below its
-                # source, so nothing is overwritten before it has been moved.
+                # source, so nothing is overwritten before it has been moved. One memmove
+                # per row (overlap-safe): a byte loop here cost 0.6 ms per 375 x 500 image.
                 if sample["mode"] == jpeg_mode:
                     decode_jpeg(data, canvases[slot], height, width, height, width, 0, 0, 1, 1, False, False)
                 else:  # stored raw
                     canvases[slot].reshape(-1)[: height * image_row] = data[: height * image_row]
                 if image_row < canvas_row:
-                    flat = canvases[slot].reshape(-1)
+                    start = canvases[slot].ctypes.data
                     for y in range(height - 1, 0, -1):
-                        for x in range(image_row - 1, -1, -1):
-                            flat[y * canvas_row + x] = flat[y * image_row + x]
+                        memmove(start + y * canvas_row, start + y * image_row, image_row)
             return canvases[: len(batch_indices)]
 
         decode.is_parallel = True

@@ -147,7 +147,13 @@ def jpeg_rows(blobs, shapes):
 
 
 class NvJpegDecoder:
-    """Decodes batches of `BetonImages(stored_bytes=True)` rows on one GPU."""
+    """Decodes batches of `BetonImages(stored_bytes=True)` rows on one GPU, on the current CUDA stream.
+
+    nvImageCodec's GPU backends only (GPU_BACKENDS: the hardware JPEG engine first, where the GPU
+    has one). Each batch's stored bytes are copied once into a pinned buffer (FFCV reuses its own
+    row buffers), decoded as one nvImageCodec batch, and every image is moved into the batch's
+    canvas by one torch call (`_foreach_copy_`).
+    """
 
     def __init__(self, device, cpu_threads=2):
         device = torch.device(device)
@@ -161,25 +167,33 @@ class NvJpegDecoder:
         # GPU backends only: a CPU fallback would be a silent slow path.
         self.decoder = nvimgcodec.Decoder(device_id=self.device.index, max_num_cpu_threads=cpu_threads,
                                           backends=gpu_backends(nvimgcodec))
+        self.in_use = None  # the previous batch's decoded images, freed once the next batch is queued
 
     def __call__(self, rows, sizes):
         """rows: uint8 [B, max_bytes] (CPU); sizes: long [B, 4] as (height, width, byte count, is JPEG).
         Returns uint8 [B, max_h, max_w, 3] on the GPU, image i in its top-left (h, w)."""
-        rows, sizes = rows.numpy(), sizes.tolist()
-        max_h, max_w = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        canvases = torch.empty((len(sizes), max_h, max_w, 3), dtype=torch.uint8, device=self.device)
-        jpegs = [i for i, s in enumerate(sizes) if s[3]]
+        shapes = sizes.tolist()
+        heights, widths, lengths = (sizes[:, i] for i in range(3))
+        canvases = torch.empty((len(shapes), int(heights.max()), int(widths.max()), 3), dtype=torch.uint8,
+                               device=self.device)
+        staged = torch.empty((len(shapes), int(lengths.max())), dtype=torch.uint8, pin_memory=True)
+        staged.copy_(torch.as_tensor(rows)[:, : staged.shape[1]])
         stream = torch.cuda.current_stream(self.device)
-        if jpegs:
-            # copies: FFCV reuses its row buffers while the GPU may still be reading
-            streams = [self.nvimgcodec.CodeStream(np.array(rows[i, : sizes[i][2]])) for i in jpegs]
-            decoded = self.decoder.decode(streams, cuda_stream=stream.cuda_stream)
-            for i, image in zip(jpegs, decoded):
-                if image is None:
-                    raise RuntimeError(f"nvJPEG could not decode image {i} of the batch")
-                canvases[i, : sizes[i][0], : sizes[i][1]] = torch.as_tensor(image, device=self.device)
-        for i, (height, width, length, is_jpeg) in enumerate(sizes):
-            if not is_jpeg:
-                pixels = torch.from_numpy(np.ascontiguousarray(rows[i, :length])).view(height, width, 3)
-                canvases[i, :height, :width] = pixels.to(self.device, non_blocking=True)
+        host, jpegs = staged.numpy(), [i for i, shape in enumerate(shapes) if shape[3]]
+        decoded = self.decoder.decode([self.nvimgcodec.CodeStream(host[i, : shapes[i][2]]) for i in jpegs],
+                                      cuda_stream=stream.cuda_stream) if jpegs else []
+        if len(decoded) != len(jpegs) or any(image is None for image in decoded):
+            raise RuntimeError(f"nvJPEG could not decode {len(jpegs) - sum(i is not None for i in decoded)} of the "
+                               f"batch's {len(jpegs)} JPEGs")
+        sources = [torch.as_tensor(image, device=self.device) for image in decoded]
+        raw = [i for i, shape in enumerate(shapes) if not shape[3]]
+        if raw:  # stored as RGB rows: all rows to the GPU in one copy
+            on_device = staged.to(self.device, non_blocking=True)
+            sources += [on_device[i, : shapes[i][0] * shapes[i][1] * 3].view(*shapes[i][:2], 3) for i in raw]
+        else:
+            # a one-byte copy from the staged bytes, queued after the decode: torch's caching host
+            # allocator then keeps them until the stream has passed the decode, whatever it reads late
+            staged[:1, :1].to(self.device, non_blocking=True)
+        torch._foreach_copy_([canvases[i, : shapes[i][0], : shapes[i][1]] for i in jpegs + raw], sources)
+        self.in_use = decoded
         return canvases

@@ -10,9 +10,16 @@ Batch b of epoch e on rank r is augmented with a torch.Generator seeded from
 (seed, e, b, r) alone, so a batch is the same whether its epoch ran from the
 start or resumed at b, and whichever device or code path computes its pixels. The crop
 settings become one ViewRecipe (recipe.py) when a loader is made, shared by its batches.
+
+On a GPU the batches are made ahead (`prefetched`): a thread of their own decodes and crops
+the next batches on a CUDA stream of its own while the training step runs, and hands each over
+with an event; the batches are the serial path's, made earlier.
 """
+import contextlib
 import logging
 import math
+import queue
+import threading
 
 import numpy as np
 import torch
@@ -21,7 +28,7 @@ from fastdino.data.cpu_crops import CpuMultiCrop
 from fastdino.data.decode import BetonImages
 from fastdino.data.gpu_decode import NvJpegDecoder, nvimgcodec_status
 from fastdino.data.multicrop import TorchMultiCrop
-from fastdino.data.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize
+from fastdino.data.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize, to_device
 from fastdino.data.recipe import ViewRecipe, seeded_generator
 from fastdino.data.resample import resize
 
@@ -103,12 +110,14 @@ class MultiCropLoader:
     'auto' (OpenCV uint8 threads on the CPU, batched tensor ops on a GPU), 'opencv' or
     'torch'. order: 'random' or 'quasi_random' (page-grouped, for data larger than RAM);
     os_cache: read through the OS page cache rather than FFCV's page reader;
-    batches_ahead: decoded batches prepared in advance (bounds the memory in flight).
+    batches_ahead: batches prepared in advance, by FFCV and by the overlap (bounds the memory in
+    flight); overlap: make the batches in a thread and CUDA stream of their own while the consumer
+    works (`prefetched`; None: on CUDA devices only). The batches are the same either way.
     """
 
     def __init__(self, beton_path, batch_size, *, n_local_crops=8, global_size=224, local_size=96, device="cpu",
                  seed=0, rank=0, world_size=1, augment=None, num_workers=2, drop_last=True, dtype=torch.float32,
-                 decode="auto", crops="auto", order="random", os_cache=True, batches_ahead=3):
+                 decode="auto", crops="auto", order="random", os_cache=True, batches_ahead=3, overlap=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if order not in ORDERS:
@@ -119,6 +128,8 @@ class MultiCropLoader:
         self.batch_size, self.drop_last, self.order = batch_size, drop_last, order
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device, self.decode, self.crops = device, decode, crops
+        self.batches_ahead = batches_ahead
+        self.overlap = device.type == "cuda" if overlap is None else overlap
         self.recipe = ViewRecipe(n_local_crops, global_size, local_size, augment)
         self.gpu_decoder = NvJpegDecoder(device, num_workers) if decode == "nvjpeg" else None
         if crops == "opencv":
@@ -149,18 +160,114 @@ class MultiCropLoader:
 
     def iter_epoch(self, epoch, start_batch=0):
         """Batches start_batch, start_batch + 1, ... of epoch `epoch`, each the same as in a full run."""
+        batches = self._batches(epoch, start_batch)
+        return prefetched(batches, self.batches_ahead, self.device) if self.overlap else batches
+
+    def _batches(self, epoch, start_batch):
         order = self._order(epoch)[start_batch * self.batch_size:]
-        batches = self.images.batches(order)
-        for batch_index, (canvases, sizes, labels) in enumerate(batches, start=start_batch):
+        for batch_index, (canvases, sizes, labels) in enumerate(self.images.batches(order), start=start_batch):
             generator = seeded_generator(self.seed, epoch, batch_index, self.rank)
             if self.gpu_decoder is not None:
                 canvases, sizes = self.gpu_decoder(canvases, sizes), sizes[:, :2]
-            yield self.make_views(canvases, sizes, generator), labels.to(self.device, non_blocking=True)
+            yield self.make_views(canvases, sizes, generator), to_device(labels, self.device)
 
     def _order(self, epoch):
         return epoch_order(self.num_images, self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
                            world_size=self.world_size, drop_last=self.drop_last,
                            pages=self.images.pages if self.order == "quasi_random" else None)
+
+
+_END = object()  # the producer's last item
+
+
+class _Failure:
+    def __init__(self, error):
+        self.error = error
+
+
+class _Producer:
+    """The thread behind `prefetched`: runs `batches` and queues at most `ahead` of them."""
+
+    def __init__(self, batches, ahead, device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.queue = queue.Queue(maxsize=max(1, ahead))
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(batches,), name="fastdino-batches", daemon=True)
+        self.thread.start()
+
+    def _run(self, batches):
+        try:
+            with self._on_stream():
+                for crops, labels in batches:
+                    done = None
+                    if self.stream is not None:
+                        done = torch.cuda.Event()
+                        done.record(self.stream)
+                    if not self._put((crops, labels, done)):
+                        return
+            self._put(_END)
+        except BaseException as error:  # noqa: BLE001  (handed to the consumer, which raises it)
+            self._put(_Failure(error))
+        finally:
+            batches.close()
+
+    def _on_stream(self):
+        if self.stream is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.device))
+        stack.enter_context(torch.cuda.stream(self.stream))
+        return stack
+
+    def _put(self, item):
+        """Queues `item`; False once the consumer has stopped."""
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self):
+        """The next batch, on the consumer's stream; None after the last."""
+        item = self.queue.get()
+        if item is _END:
+            return None
+        if isinstance(item, _Failure):
+            raise item.error
+        crops, labels, done = item
+        if done is not None:
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_event(done)  # the GPU waits, the host does not
+            for tensor in (*crops, labels):
+                tensor.record_stream(consumer)  # its memory is not reused until the consumer's work is done
+        return crops, labels
+
+    def stop(self):
+        self.stopping.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+        self.thread.join()
+
+
+def prefetched(batches, ahead, device):
+    """The `(crops, labels)` of the generator `batches`, made up to `ahead` batches in advance.
+
+    A thread runs `batches`; on a CUDA `device` it runs them on a CUDA stream of its own, so that
+    their decode and crops overlap with the consumer's work, and records an event after each batch:
+    the consumer's current stream waits on it (no host sync), and the batch's tensors are recorded
+    on that stream for the caching allocator. An error in the thread is raised here; closing this
+    generator (or dropping it) stops the thread. The batches and their order are those of `batches`.
+    """
+    producer = _Producer(batches, ahead, torch.device(device))
+    try:
+        while (batch := producer.get()) is not None:
+            yield batch
+    finally:
+        producer.stop()
 
 
 def center_crops(canvases, sizes, size, device="cpu", dtype=torch.float32):
@@ -215,7 +322,7 @@ class EvalLoader:
 def multicrop_loader(beton_path, batch_size, **options):
     """DINO training loader over a .beton; `options` are MultiCropLoader's keyword arguments
     (n_local_crops=8, global_size=224, local_size=96, device, seed, rank, world_size, augment,
-    num_workers, drop_last, dtype, decode, crops, order, os_cache, batches_ahead)."""
+    num_workers, drop_last, dtype, decode, crops, order, os_cache, batches_ahead, overlap)."""
     return MultiCropLoader(beton_path, batch_size, **options)
 
 
