@@ -2,19 +2,21 @@
 
 Compiles every kernel for sm_90 exactly as its host launcher would launch it at the training
 shapes (K = 65536; B = 64 and 128; 10 and 12 crops; 2 teacher views; bf16 and fp32 logits;
-the EMA over ViT-S/16 + DINO head, fp32 teacher and student) and prints, per launch:
+the EMA over ViT-S/16 + DINO head, fp32 teacher and student; the clipping's multiply over its
+fp32 gradients) and prints, per launch:
 registers per thread, spills, shared memory, warps, resident blocks per SM and what limits
 them, the grid and its waves on the SMs, and SASS instruction counts, in total and in one
 iteration of the loop over K tiles (with its global, shared and local loads and stores,
 warp shuffles, barriers and MUFU ops).
 
 How the launches are found: the host launchers (`_dino_loss_forward`, `_dino_loss_backward`,
-`ema_update_tensors_`) run on meta tensors with each kernel replaced by a recorder, so the
-grids and arguments are the launchers' own, with `dino_loss_config(..., num_sms=132)`. Each
-recorded launch is specialised by Triton's own binder (integers equal to 1 become constants,
-multiples of 16 and pointers get 16-byte divisibility, as for torch allocations) and compiled
-with `triton.compile` for GPUTarget("cuda", 90, 32). Registers and spills come from the
-ptxas log of that compile, SASS from the wheel's cuobjdump.
+`ema_update_tensors_`, `scale_tensors_`) run on meta tensors with each kernel replaced by a
+recorder, so the grids and arguments are the launchers' own, with
+`dino_loss_config(..., num_sms=132)`. Each recorded launch is specialised by Triton's own
+binder (integers equal to 1 become constants, multiples of 16 and pointers get 16-byte
+divisibility, as for torch allocations) and compiled with `triton.compile` for
+GPUTarget("cuda", 90, 32). Registers and spills come from the ptxas log of that compile, SASS
+from the wheel's cuobjdump.
 
     python bench/kernel_report.py                           # table for the installed triton
     python bench/kernel_report.py --json kernel_report_triton3.9.jsonl   # + rows in bench/results/
@@ -64,7 +66,8 @@ SMEM_RESERVED_PER_BLOCK = 1024
 SMEM_ALLOC_UNIT = 128
 
 KERNELS = {"fwd": "_dino_loss_fwd_kernel", "finalize": "_dino_loss_fwd_finalize_kernel",
-           "bwd": "_dino_loss_bwd_kernel", "ema": "_ema_kernel"}
+           "bwd": "_dino_loss_bwd_kernel", "ema": "_ema_kernel", "clip": "_scale_kernel"}
+PER_PARAMETER = ("ema", "clip")  # kernels over the parameter list, not the logits: one launch each
 SHORT_NAMES = {kernel: name for name, kernel in KERNELS.items()}
 TILE_OPS = ("LDG", "STG", "LDS", "LDSM", "STS", "SHFL", "BAR", "LDL", "STL", "MUFU")
 STUDENT_TEMP, TEACHER_TEMP, EMA_MOMENTUM = 0.1, 0.04, 0.996  # runtime fp32 arguments: no effect on the code
@@ -229,6 +232,21 @@ def ema_launches(args, torch) -> list[Launch]:
     return launches
 
 
+def clip_launches(args, torch) -> list[Launch]:
+    """The launch of one `scale_tensors_` (the clipping's multiply) over the gradients of ViT-S/16 +
+    DINO head (fp32, separate allocations: 16-byte aligned)."""
+    import fastdino_kernels.clip as clip
+    from bench_kernels import vit_small_dino_shapes
+
+    grads = [torch.empty(s, device="meta") for s in vit_small_dino_shapes(args.out_dim)]
+    scales = torch.empty(len(grads), device="meta")
+    with recorded_launches(clip, ["clip"], use_triton=lambda kernel, device: True) as launches:
+        clip.scale_tensors_(grads, scales)
+    for launch in launches:
+        launch.problem = dict(dtype="fp32", params=sum(g.numel() for g in grads), K=args.out_dim)
+    return launches
+
+
 class Compiler:
     """Compiles recorded launches for sm_90 as `JITFunction.run` would, once per distinct
     specialisation, and reads the resources of the result."""
@@ -293,8 +311,8 @@ def report_row(launch: Launch, res: dict, sms: int) -> dict:
     blocks, limiter = occupancy(res["n_regs"], res["num_warps"], res["shared_bytes"])
     programs = math.prod(launch.grid)
     p = launch.problem
-    if launch.name == "ema":
-        what = f"kernel_report/ema/params{p['params']}/{p['dtype']}"
+    if launch.name in PER_PARAMETER:
+        what = f"kernel_report/{launch.name}/params{p['params']}/{p['dtype']}"
     else:
         what = f"kernel_report/dino_loss_{launch.name}/B{p['batch']}/crops{p['crops']}/K{p['K']}/{p['dtype']}"
     return dict(what=what, value=res["n_regs"], unit="registers/thread", kernel=KERNELS[launch.name], **p,
@@ -379,7 +397,8 @@ def main(argv=None, prog: str = "kernel_report.py") -> int:
     except ImportError as error:
         sys.exit(f"kernel_report: needs torch and triton with its NVIDIA backend ({error})")
     launches = ema_launches(args, torch) if "ema" in args.kernels else []
-    if set(args.kernels) - {"ema"}:
+    launches += clip_launches(args, torch) if "clip" in args.kernels else []
+    if set(args.kernels) - set(PER_PARAMETER):
         for dtype_name in args.dtypes:
             for batch in args.batches:
                 for n_crops in args.crops:

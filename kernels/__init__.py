@@ -4,6 +4,8 @@
   pairs, forward and backward, plus the teacher column sums for the centre update.
 - ``fastdino_kernels.ema``: teacher <- m * teacher + (1 - m) * student over a whole
   parameter list in one launch.
+- ``fastdino_kernels.clip``: tensors[i] *= scales[i] over a whole gradient list in one launch
+  (DINO's per-parameter clipping without a kernel per parameter).
 
 Each public function has a plain PyTorch twin with the same signature (``*_reference``).
 """

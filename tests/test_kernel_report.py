@@ -79,8 +79,12 @@ def test_report_compiles_every_kernel_for_sm90(tmp_path):
         short = kernel_report.SHORT_NAMES[name]
         assert rows[name]["what"] == f"kernel_report/dino_loss_{short}/B64/crops12/K65536/bf16"
         assert rows[name]["constexprs"]["V"] == 12 and rows[name]["num_warps"] == 4
-    chunk = 16384  # fastdino_kernels.ema.CHUNK (not imported: this process leaves triton alone)
-    assert rows["_ema_kernel"]["programs"] == sum(math.ceil(math.prod(s) / chunk) for s in vit_small_dino_shapes(65536))
+    chunk = 16384  # fastdino_kernels.ema.CHUNK and .clip.CHUNK (not imported: this process leaves triton alone)
+    params = sum(math.prod(s) for s in vit_small_dino_shapes(65536))
+    for name, short in (("_ema_kernel", "ema"), ("_scale_kernel", "clip")):
+        assert rows[name]["what"] == f"kernel_report/{short}/params{params}/fp32"
+        assert rows[name]["programs"] == sum(math.ceil(math.prod(s) / chunk) for s in vit_small_dino_shapes(65536))
+    assert rows["_scale_kernel"]["shared_bytes"] == 0 and rows["_scale_kernel"]["spill_store_bytes"] == 0
 
 
 @pytest.mark.parametrize("args, option", [

@@ -23,14 +23,16 @@ its base optimizer one parameter group at a time.
   update, and every implementation walks `self.param_groups`, which step() narrows
   to the groups that are not frozen.
 
-Launches of the clipping on CUDA, per parameter group: the norms are one multi-tensor
-`_foreach_norm` and the scales a few elementwise ops over all parameters, but the multiply
-by per-parameter scales runs one kernel per gradient: torch (checked up to 2.13) has no
-multi-tensor multiply by a different device scalar per tensor (`_foreach_mul_` with a list
-of 0-d tensors fails its fast path's same-shape check and loops, its `.Tensor` overload
-takes one 0-d tensor, `_foreach_addcmul_.Tensor` takes host scalars, which would need a
-host sync). A constant count needs a multi-tensor kernel of fastdino's own (a pointer table
-with one scale per tensor, as `fastdino_kernels.ema` has).
+Launches of the clipping on CUDA, per parameter group, whatever the number of parameters:
+the norms are one multi-tensor `_foreach_norm`, the scales a few elementwise ops over all
+parameters, and the multiply by the per-parameter scales one launch of
+`fastdino_kernels.clip.scale_tensors_` (torch, checked up to 2.13, has no multi-tensor
+multiply by a different device scalar per tensor: `_foreach_mul_` with a list of 0-d tensors
+runs one kernel per gradient). Where that kernel cannot run (`clip_impl`, resolved by
+`fastdino._dispatch.resolve_impl` and logged once: the CPU) its PyTorch twin multiplies with
+`_foreach_mul_` as before, bit-identical on fp32 gradients (fastdino's: the weights are fp32).
+bf16 gradients, on both paths, are multiplied by the fp32 scale and rounded once; before, the
+scale itself was first rounded to bf16.
 """
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ import logging
 
 import torch
 import torch.distributed as dist
+
+from fastdino._dispatch import resolve_impl
+from fastdino_kernels import clip as clip_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +85,11 @@ class DINOAdamW(torch.optim.AdamW):
     """torch.optim.AdamW plus DINO's per-parameter clipping (`clip_grad` > 0; 0 turns it off)
     and frozen groups (`group["frozen"]`), both applied inside step(). `impl`: the AdamW update,
     "auto" or one of ADAMW_IMPLS (see `adamw_impl`); other keyword arguments go to AdamW
-    (which owns `fused` and `foreach`: pass `impl` instead)."""
+    (which owns `fused` and `foreach`: pass `impl` instead). `clip_impl`: the clipping's multiply,
+    "auto" (the Triton kernel on CUDA, the twin elsewhere), "triton" or "torch"; set it on the
+    instance to ask for one by name (an error where it cannot run)."""
+
+    clip_impl = "auto"
 
     def __init__(self, params, *, clip_grad: float, impl: str = "auto", **kwargs):
         if "fused" in kwargs or "foreach" in kwargs:
@@ -131,6 +140,9 @@ class DINOAdamW(torch.optim.AdamW):
                     state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
     def _clip_group(self, group: dict) -> None:
+        """Scales each gradient of `group` (each ZeRO fragment by its whole parameter's norm) by
+        min(1, clip_grad / (norm + 1e-6)), in place, with no host sync: a constant number of
+        launches on CUDA (see the module docstring)."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -142,9 +154,13 @@ class DINOAdamW(torch.optim.AdamW):
             grads = fragments.views(params[0].grad)
             norms = fragments.squared_norms(grads).sqrt()
         if grads:
-            # The official coefficient, clip / (norm + 1e-6), applied only where it is below 1.
+            # The official coefficient, clip / (norm + 1e-6), applied only where it is below 1: a scale
+            # of 1 leaves the gradient alone (the kernel does not even read it). fp32 on every path.
             scales = (self.clip_grad / (norms + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, list(scales.to(grads[0].dtype).unbind()))
+            impl = resolve_impl("DINOAdamW clipping", self.clip_impl, clip_kernels._scale_kernel, grads[0].device,
+                                logger)
+            scale = clip_kernels.scale_tensors_ if impl == "triton" else clip_kernels.scale_tensors_reference_
+            scale(grads, scales)
 
 
 class PartitionFragments:
