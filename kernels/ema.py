@@ -10,9 +10,10 @@ included. The tables depend only on the addresses and sizes, which do not change
 steps, so they are built and copied to the device once and cached.
 
 Accesses: each program moves its two base addresses to its chunk once and loops on int32
-offsets (64-bit address arithmetic out of the loop); whole tiles go without a mask and, where
-every tensor starts on 16 bytes (separate allocations always do; views into DeepSpeed's flat
-buffers may not, and the launcher checks), with 16-byte vector loads and stores.
+offsets (64-bit address arithmetic out of the loop), one loop per dtype pair; whole tiles go
+without a mask and, where every tensor starts on 16 bytes (separate allocations always do;
+views into DeepSpeed's flat buffers may not, and the launcher checks), with 16-byte vector
+loads and stores.
 
 Bit-exactness: torch.lerp(self, end, w) computes in fp32 (opmath) as
     fma(w, end - self, self)          if |w| < 0.5
@@ -32,40 +33,38 @@ import triton.language as tl
 from fastdino_kernels import use_triton
 
 CHUNK = 16384  # elements per program
-BLOCK = 2048  # elements per loop step: 8 warps x 32 threads x 8
+# fp32 elements per loop step: 8 warps x 32 threads x 4, 16 bytes a thread; a pair with a bf16
+# side steps over 2 * BLOCK (16 bytes a thread of bf16). With more fp32 elements a thread, Triton
+# gives the loads 32 bytes a thread but the store 16 and converts between the two through shared
+# memory on every step.
+BLOCK = 1024
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _TABLE_CACHE_SIZE = 8
 
 
 @triton.jit
-def _lerp_tile(t_addr, s_addr, offs, mask, other, t_bf16, s_bf16, coef, base_is_student, ALIGNED: tl.constexpr):
-    """t[offs] <- fma(coef, s - t, s or t) in fp32, rounded once into t's dtype (see the module docstring)."""
-    t16 = t_addr.to(tl.pointer_type(tl.bfloat16))
-    t32 = t_addr.to(tl.pointer_type(tl.float32))
-    s16 = s_addr.to(tl.pointer_type(tl.bfloat16))
-    s32 = s_addr.to(tl.pointer_type(tl.float32))
-    if ALIGNED:  # the bases (not each element) are 16-byte aligned
-        t16 = tl.multiple_of(t16, 16)
-        t32 = tl.multiple_of(t32, 16)
-        s16 = tl.multiple_of(s16, 16)
-        s32 = tl.multiple_of(s32, 16)
-    t16 += offs
-    t32 += offs
-    s16 += offs
-    s32 += offs
-    if t_bf16:
-        t = tl.load(t16, mask=mask, other=other).to(tl.float32)
-    else:
-        t = tl.load(t32, mask=mask, other=other)
-    if s_bf16:
-        s = tl.load(s16, mask=mask, other=other).to(tl.float32)
-    else:
-        s = tl.load(s32, mask=mask, other=other)
-    new = tl.fma(coef, s - t, tl.where(base_is_student, s, t))
-    if t_bf16:
-        tl.store(t16, new.to(tl.bfloat16), mask=mask)
-    else:
-        tl.store(t32, new, mask=mask)
+def _lerp_chunk(t_addr, s_addr, end, coef, base_is_student, T_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """t[:end] <- fma(coef, s - t, s or t) in fp32, rounded once into T_DTYPE (see the module
+    docstring); t, s: the elements at byte addresses `t_addr`, `s_addr`."""
+    t_ptr = t_addr.to(tl.pointer_type(T_DTYPE))
+    s_ptr = s_addr.to(tl.pointer_type(S_DTYPE))
+    if ALIGNED:  # the bases are 16-byte aligned. The hint goes on the pointers made here: Triton drops
+        t_ptr = tl.multiple_of(t_ptr, 16)  # one on the integer, or on a pointer passed as an argument.
+        s_ptr = tl.multiple_of(s_ptr, 16)
+    # Whole tiles without a mask (an element-granular mask would keep accesses scalar), then the tail.
+    full = end // BLOCK * BLOCK
+    for off in range(0, full, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        t = tl.load(t_ptr + offs).to(tl.float32)
+        s = tl.load(s_ptr + offs).to(tl.float32)
+        tl.store(t_ptr + offs, tl.fma(coef, s - t, tl.where(base_is_student, s, t)).to(T_DTYPE))
+    if full < end:
+        offs = full + tl.arange(0, BLOCK)
+        mask = offs < end
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(t_ptr + offs, tl.fma(coef, s - t, tl.where(base_is_student, s, t)).to(T_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -85,28 +84,28 @@ def _ema_kernel(
     pid = tl.program_id(0)  # one program per chunk: the grid is exactly n_chunks
     j = tl.load(CHUNK_TENSOR + pid)
     start = tl.load(CHUNK_START + pid)
-    numel = tl.load(NUMELS + j)
-    t_addr = tl.load(TEACHER_PTRS + j)
-    s_addr = tl.load(STUDENT_PTRS + j)
     dtypes = tl.load(DTYPES + j)
     base_is_student = from_student != 0
     t_bf16 = (dtypes & 1) != 0
     s_bf16 = (dtypes & 2) != 0
     # Addresses move to the chunk's first element once; the loop then runs on int32 offsets from 0,
-    # which keeps 64-bit address arithmetic out of it (32 registers instead of 64-72 on sm_90).
-    t_addr += start * tl.where(t_bf16, 2, 4)
-    s_addr += start * tl.where(s_bf16, 2, 4)
-    if ALIGNED:  # every tensor starts on 16 bytes (checked by the launcher): 16-byte vector accesses
-        t_addr = tl.multiple_of(t_addr, 16)
-        s_addr = tl.multiple_of(s_addr, 16)
-    end = (tl.minimum(start + CHUNK, numel) - start).to(tl.int32)
-    # Whole tiles without a mask (an element-granular mask would keep accesses scalar), then the tail.
-    full = end // BLOCK * BLOCK
-    for off in range(0, full, BLOCK):
-        _lerp_tile(t_addr, s_addr, off + tl.arange(0, BLOCK), None, None, t_bf16, s_bf16, coef, base_is_student, ALIGNED)
-    if full < end:
-        offs = full + tl.arange(0, BLOCK)
-        _lerp_tile(t_addr, s_addr, offs, offs < end, 0.0, t_bf16, s_bf16, coef, base_is_student, ALIGNED)
+    # which keeps 64-bit address arithmetic out of it.
+    t_addr = tl.load(TEACHER_PTRS + j) + start * tl.where(t_bf16, 2, 4)
+    s_addr = tl.load(STUDENT_PTRS + j) + start * tl.where(s_bf16, 2, 4)
+    end = (tl.minimum(start + CHUNK, tl.load(NUMELS + j)) - start).to(tl.int32)
+    # One loop per dtype pair, not a dtype branch inside one loop: each loop's accesses get their own
+    # register layout, with no conversion through shared memory. ALIGNED: every tensor starts on 16
+    # bytes (the launcher checks), and then so does every chunk (CHUNK elements are 16-byte multiples).
+    if t_bf16:
+        if s_bf16:
+            _lerp_chunk(t_addr, s_addr, end, coef, base_is_student, tl.bfloat16, tl.bfloat16, 2 * BLOCK, ALIGNED)
+        else:
+            _lerp_chunk(t_addr, s_addr, end, coef, base_is_student, tl.bfloat16, tl.float32, 2 * BLOCK, ALIGNED)
+    else:
+        if s_bf16:
+            _lerp_chunk(t_addr, s_addr, end, coef, base_is_student, tl.float32, tl.bfloat16, 2 * BLOCK, ALIGNED)
+        else:
+            _lerp_chunk(t_addr, s_addr, end, coef, base_is_student, tl.float32, tl.float32, BLOCK, ALIGNED)
 
 
 _tables: dict[tuple, tuple[tuple[torch.Tensor, ...], int]] = {}
