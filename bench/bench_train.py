@@ -38,6 +38,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -537,6 +538,11 @@ def main(argv=None) -> None:
         data_path = args.data if args.data != "synthetic" else "synthetic"
         cfg = load_config(args.config, [*overrides, f"data.path={data_path}", *args.overrides])
         bench_config(cfg, args, device, report)
+    load = report.common["load_average_1min_at_start"]
+    if device.type == "cpu" and load > 0.5:  # torch's threads spin-wait: other work on the cores skews every number
+        print(f"warning: measured on a busy machine (1-minute load {load} at the start, {len(os.sched_getaffinity(0))} "
+              f"cores): CPU timings vary with the load far more than the variants differ; compare rows made at the "
+              f"same low load", file=sys.stderr)
     if args.json:
         print(f"appended {len(report.rows)} rows to {report.write_json(args.json)}")
 

@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "On CPU the ranks talk over gloo (set DS_ACCELERATOR=cpu for the deepspeed launcher), on GPUs\n"
                     "over nccl. parallel.zero_stage=0|1|2 picks plain data parallel or DeepSpeed ZeRO 1/2;\n"
                     "data.batch_size is per rank. All ranks must see output_dir (a shared file system).")
-    train.add_argument("--config", help="experiment YAML (only the keys that differ from default.yaml)")
+    train.add_argument("--config", help="experiment YAML (only the keys that differ from the defaults), or a "
+                                        "shipped one by name: demo, laptop, vit_small_16, vit_base_16")
     train.add_argument("--resume", metavar="CHECKPOINT|auto",
                        help="continue from a checkpoint (a step file, or a DeepSpeed step folder), or the newest "
                             "complete one in output_dir/checkpoints (auto; none: start from scratch, with a "

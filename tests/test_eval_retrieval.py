@@ -349,3 +349,19 @@ def test_ground_truth_errors(tmp_path):
         pickle.dump(OrderedDict(imlist=["d0"], qimlist=["q0"], gnd=[]), file)
     with pytest.raises(ValueError, match="collections.OrderedDict"):  # only plain data is unpickled
         read_retrieval_set(root, root / "gnd_other.pkl")
+
+
+def test_instance_folders_that_cannot_rank_are_refused(tmp_path):
+    """One instance folder (every other image a positive) or one image per instance (no positive at
+    all) would score a number that means nothing."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "one" / "only" / f"{i}.png")
+    with pytest.raises(ValueError, match="holds one instance folder"):
+        read_retrieval_set(tmp_path / "one")
+    for i in range(3):
+        (tmp_path / "singles" / f"i{i}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "singles" / f"i{i}" / "a.png")
+    with pytest.raises(ValueError, match="no query has a positive"):
+        read_retrieval_set(tmp_path / "singles")

@@ -285,3 +285,25 @@ def test_viz_attention_keeps_same_named_photos_apart(every_kind, tmp_path, capsy
     assert main(["viz", "attention", str(every_kind["step file"]), str(photos[0]), str(tmp_path / "gone.png"),
                  "--out", str(tmp_path / "none"), "--size", "16"]) == 1
     assert "image not found" in one_line_error(capsys) and not (tmp_path / "none").exists()
+
+
+def test_student_only_where_the_file_holds_one(every_kind):
+    """--which student on an export or released weights would relabel the one network they hold."""
+    paired = {"step file", "run folder", "deepspeed step folder", "deepspeed run folder", "official full"}
+    for kind, path in every_kind.items():
+        if kind in paired:
+            read_backbone(path, "student")
+        else:
+            with pytest.raises(CheckpointError, match="holds one network's weights|has no 'student' entry"):
+                read_backbone(path, "student")
+
+
+def test_viz_attention_sizes_and_folders_are_one_line(every_kind, tmp_path, capsys):
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    for size in ("4", "100000"):  # patch 4: at least 8 px
+        assert main(["viz", "attention", str(every_kind["step file"]), str(image), "--size", size,
+                     "--out", str(tmp_path / "out")]) == 1
+        assert f"--size {size}: give 8 to" in one_line_error(capsys)
+    assert main(["viz", "attention", str(every_kind["step file"]), str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    assert "is a folder" in one_line_error(capsys)

@@ -77,7 +77,8 @@ def _open_beton(path, source=None) -> Reader:
     """FFCV's Reader of a .beton with the `image` and `label` fields, or a one-line DataError."""
     name = _name(path, source)
     if not str(path).strip():  # an unset path; Path("") would be the current folder
-        raise DataError(f"{source or 'the .beton path'} is empty: give a .beton file ({MAKE_ONE})")
+        raise DataError(f"{source or 'the .beton path'} is empty: give a .beton file ({MAKE_ONE}; "
+                        f"data.path=synthetic trains on random crops, `fastdino demo` on digits)")
     path = Path(path)
     if path.is_dir():
         out = path.with_name(path.name + ".beton") if path.name else "OUT.beton"

@@ -138,8 +138,9 @@ class MultiCropLoader:
             self.make_views = TorchMultiCrop(self.recipe, device=device, dtype=dtype)
         self.epoch = 0
         if len(self) == 0:
+            fits = max(1, self.num_images // world_size)
             raise ValueError(f"{beton_path}: {self.num_images} images make no full batch of {batch_size} "
-                             f"on each of {world_size} ranks")
+                             f"on each of {world_size} rank(s): lower data.batch_size (at most {fits})")
 
     @property
     def num_images(self):

@@ -13,6 +13,9 @@ from fastdino.eval.attention_maps import (last_attention_maps, patch_pca_rgb, sa
                                           threshold_attention)
 
 
+MAX_SIZE = 1024  # at patch 8, 16k tokens: the last block's attention alone is ~1 GB per head
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """uint8 `[H, W, 3]` of an image file, read as `data convert` reads it (fastdino.data.images.load_rgb).
     Raises FileNotFoundError, or ValueError for a file that is not a readable image."""
@@ -56,10 +59,17 @@ def draw_attention(backbone, patch_size: int, image: np.ndarray, path: Path, siz
 def draw_attention_for_files(backbone, patch_size: int, image_paths: list[str], out_dir: Path,
                              size: int = 224) -> list[Path]:
     """One picture per image file, `out_dir/attention_<name>.png`; returns their paths. Every file
-    is checked before anything is drawn (FileNotFoundError names the first missing one). Files
+    is checked before anything is drawn (FileNotFoundError names the first missing one,
+    IsADirectoryError a folder; ValueError for a `size` outside 2 patches to MAX_SIZE). Files
     of the same name from different folders (IMG_0001.JPG twice) get the folders in their
     picture's name, so none overwrites another."""
+    if not 2 * patch_size <= size <= MAX_SIZE:  # the PCA picture needs 3 patches
+        raise ValueError(f"--size {size}: give {2 * patch_size} to {MAX_SIZE} px (at least 2 patches of "
+                         f"{patch_size} px on the shorter side)")
     paths = [Path(p) for p in image_paths]
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        raise IsADirectoryError(f"{folders[0]} is a folder: give image files (e.g. {folders[0]}/*.jpg)")
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"

@@ -97,6 +97,7 @@ class BackboneWeights:
     step: int | None = None
     config: object | None = None  # the run's OmegaConf config (fastdino checkpoints only)
     source: Path | None = None  # the file read (a folder's newest checkpoint, a step folder's fastdino.pt)
+    has_pair: bool = False  # the file holds a teacher and a student (training checkpoints), so `which` chose
 
 
 def read_weights(path: str | Path, which: str = "teacher") -> BackboneWeights:
@@ -104,8 +105,9 @@ def read_weights(path: str | Path, which: str = "teacher") -> BackboneWeights:
     lists, with what the file says about the model, completed from the tensor shapes.
 
     Raises CheckpointError (one line) for a missing, damaged or foreign file, a folder without
-    a checkpoint, a Hugging Face config fastdino's ViT cannot compute, or a file that pickles
-    anything but tensors and plain values.
+    a checkpoint, a Hugging Face config fastdino's ViT cannot compute, a file that pickles
+    anything but tensors and plain values, or which="student" for a file that holds one network
+    (exports and released weights: its weights would be reported as the student's).
     """
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
@@ -115,6 +117,9 @@ def read_weights(path: str | Path, which: str = "teacher") -> BackboneWeights:
     else:
         path = resolve_checkpoint(path)
         weights = _read_weight_file(path, which)
+    if which == "student" and not weights.has_pair:
+        raise CheckpointError(f"{weights.source or path} holds one network's weights, not a teacher and a student: "
+                              f"--which student needs a training checkpoint")
     _complete_from_shapes(weights)
     return weights
 
@@ -144,6 +149,7 @@ def _read_torch_file(path: Path, which: str) -> BackboneWeights:
 
         cfg = OmegaConf.create(state["config"])
         weights = _split_backbone_and_head(state[which], path)
+        weights.has_pair = True
         weights.arch, weights.patch_size = cfg.model.arch, cfg.model.patch_size
         weights.depth, weights.img_size = cfg.model.depth, cfg.model.img_size
         weights.eval_size, weights.step, weights.config = cfg.eval.eval_size, int(state["step"]), cfg
@@ -151,7 +157,9 @@ def _read_torch_file(path: Path, which: str) -> BackboneWeights:
     if "teacher" in state or "student" in state:  # an official full training checkpoint
         if which not in state:
             raise CheckpointError(f"{path} has no {which!r} entry (it has {sorted(state)})")
-        return _split_backbone_and_head(state[which], path)
+        weights = _split_backbone_and_head(state[which], path)
+        weights.has_pair = True
+        return weights
     for wrapper in ("state_dict", "model"):  # timm / DeiT training checkpoints
         if isinstance(state.get(wrapper), dict):
             return _split_backbone_and_head(state[wrapper], path)

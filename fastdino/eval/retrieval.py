@@ -284,7 +284,7 @@ def read_revisited(folder: Path, gnd: Path | None = None) -> RetrievalSet:
 def read_instances(folder: Path) -> RetrievalSet:
     """Instance folders `folder/<instance>/<image>` (image suffixes as IMAGE_SUFFIXES, sorted by
     name): database and queries are all the images. Raises FileNotFoundError when no sub-folder
-    holds an image, ValueError when there are fewer than two images."""
+    holds an image, ValueError for fewer than two instances or no instance with two images."""
     paths, labels, names = [], [], []
     for instance in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         images = sorted(p for p in instance.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -295,8 +295,11 @@ def read_instances(folder: Path) -> RetrievalSet:
     if not paths:
         raise FileNotFoundError(f"no images in sub-folders of {folder}: expected <instance>/<image>.jpg|png, or the "
                                 f"revisited layout jpg/ + gnd_<dataset>.pkl")
-    if len(paths) < 2:
-        raise ValueError(f"{folder} holds one image: retrieval needs at least two")
+    if len(names) < 2:  # every other image would be a positive: a trivial 100 %
+        raise ValueError(f"{folder} holds one instance folder ({names[0]}): instance retrieval needs at least two "
+                         f"(<instance>/<image> folders; the revisited layout is jpg/ + gnd_<dataset>.pkl)")
+    if max(np.bincount(labels)) < 2:
+        raise ValueError(f"every instance folder in {folder} holds one image: no query has a positive")
     return RetrievalSet("instances", folder.resolve().name, paths, paths, [None] * len(paths),
                         labels=np.asarray(labels), instance_names=names)
 

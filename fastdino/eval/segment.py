@@ -152,14 +152,18 @@ def few_shot_split(data, shots: int | str, train_split: str | None = None,
     """(memory ids, query ids) of a `SegmentationData`.
 
     The memory is the first `shots` ids (or `"all"`) of the train split: for VOC `train_split`
-    (default "train"), in the split file's order; for pairs `train_split` if given, else every
-    name sorted. The queries are `val_split` (VOC default "val"); for pairs without one, every
-    name that is not in the train split (without a train split: not in the memory). Raises
+    (default "train"), in the split file's order; for pairs `train_split` if given, else
+    `train.txt` and `val.txt` where the folder has both, else every name sorted. The queries are
+    `val_split` (VOC default "val"); for pairs without one, every name that is not in the train
+    split (without a train split: not in the memory). Memory and queries that share images are
+    said on stderr (a score on images the memory holds is not few-shot). Raises
     ValueError when the split holds fewer than `shots` images, when pairs without a train split
     are asked for all shots, or when no query image is left.
     """
     if data.layout == "voc":
         train_split, val_split = train_split or "train", val_split or "val"
+    elif train_split is None and val_split is None and all((data.root / f"{n}.txt").is_file() for n in ("train", "val")):
+        train_split, val_split = "train", "val"  # a pairs folder with split files (as `fastdino data scenes` writes)
     if data.layout == "pairs" and train_split is None and shots == "all":
         raise ValueError("--shots all needs a train split for the pairs layout (--train-split FILE), else no "
                          "image is left to evaluate")
@@ -176,6 +180,9 @@ def few_shot_split(data, shots: int | str, train_split: str | None = None,
     if not queries:
         raise ValueError(f"no image is left to evaluate in {data.root}: the {len(memory)} memory images are all of "
                          f"them; give fewer --shots or a --val-split")
+    shared = len(set(memory) & set(queries))
+    if shared:
+        print(f"warning: {shared} of the {len(queries)} query images are in the memory too", file=sys.stderr)
     return memory, queries
 
 

@@ -129,12 +129,12 @@ def _binary_pair(annotation: np.ndarray, segmentation: np.ndarray) -> tuple[np.n
 # Propagation (official eval_video_segmentation.py: label_propagation, restrict_neighborhood)
 
 def feature_size(frame_size: Sequence[int], size: int, patch_size: int) -> tuple[int, int]:
-    """`(H', W')` a frame of `frame_size` `(H, W)` is resized to: shorter side `size`, the other
-    in proportion, both floored to a multiple of `patch_size` (at least one patch). The official
-    floors the longer side to a multiple of 64 instead (854x480 -> 832x480; here 848x480 at
-    patch 16)."""
+    """`(H', W')` a frame of `frame_size` `(H, W)` is resized to: shorter side `size` (0: the
+    frame's own), the other in proportion, both floored to a multiple of `patch_size` (at least
+    one patch). The official floors the longer side to a multiple of 64 instead (854x480 ->
+    832x480; here 848x480 at patch 16)."""
     height, width = frame_size
-    scale = size / min(height, width)
+    scale = size / min(height, width) if size else 1.0
     return tuple(max(patch_size, round(side * scale) // patch_size * patch_size) for side in (height, width))
 
 
@@ -201,7 +201,7 @@ def labels_to_segmentation(soft_labels: torch.Tensor, grid: tuple[int, int], pat
 
 @torch.no_grad()
 def propagate_video(backbone: nn.Module, frames: Iterable[np.ndarray], first_mask: np.ndarray, *,
-                    size: int = 480, n_last_frames: int = 7, topk: int = 5, neighbourhood: int = 12,
+                    size: int = 0, n_last_frames: int = 7, topk: int = 5, neighbourhood: int = 12,
                     temperature: float = 0.1, drop_high_variance: int = 0,
                     batch_size: int = 8) -> Iterator[np.ndarray]:
     """Yields the label map `[H, W]` (uint8) of every frame of a video, the first frame's being
@@ -393,7 +393,7 @@ def _save_indexed(path: Path, labels: np.ndarray, palette: np.ndarray) -> None:
 # Evaluation over videos
 
 @torch.no_grad()
-def evaluate_davis(backbone: nn.Module, videos: Sequence[Video], *, size: int = 480, n_last_frames: int = 7,
+def evaluate_davis(backbone: nn.Module, videos: Sequence[Video], *, size: int = 0, n_last_frames: int = 7,
                    topk: int = 5, neighbourhood: int = 12, temperature: float = 0.1, drop_high_variance: int = 0,
                    batch_size: int = 8, png_dir: Path | None = None, masks_dir: Path | None = None,
                    strip_frames: int = 5, progress: bool = True) -> dict:
@@ -503,10 +503,10 @@ def build_parser():
     parser.add_argument("--videos", help="comma-separated video names to evaluate instead of the split's list")
     parser.add_argument("--resolution", default="480p",
                         help="sub-folder of JPEGImages and Annotations (default 480p; Full-Resolution)")
-    parser.add_argument("--size", type=int, default=480,
+    parser.add_argument("--size", type=int, default=0,
                         help="resize frames so the shorter side is this many pixels, both sides floored to whole "
-                             "patches (default 480: DAVIS 480p frames at full size, as official; on a CPU a "
-                             "smaller size is much faster, the cost growing with the square of the patch count)")
+                             "patches (default 0: the frames' own size, as official: 480 for DAVIS 480p; on a CPU "
+                             "a smaller size is much faster, the cost growing with the square of the patch count)")
     parser.add_argument("--n-last-frames", type=int, default=7,
                         help="preceding frames used as context besides the first (default 7)")
     parser.add_argument("--topk", type=int, default=5, help="context patches each patch takes labels from (default 5)")
@@ -531,7 +531,7 @@ def main(argv: Sequence[str]) -> int:
     from fastdino.eval.command import eval_device, read_backbone, write_json
 
     args = build_parser().parse_args(argv)
-    for flag, value, least in (("--size", args.size, 1), ("--topk", args.topk, 1),
+    for flag, value, least in (("--size", args.size, 0), ("--topk", args.topk, 1),
                                ("--n-last-frames", args.n_last_frames, 0), ("--batch-size", args.batch_size, 1),
                                ("--size-mask-neighborhood", args.size_mask_neighborhood, 0),
                                ("--drop-high-variance", args.drop_high_variance, 0)):
@@ -548,6 +548,8 @@ def main(argv: Sequence[str]) -> int:
     videos = read_davis(args.data, args.split, names, args.resolution)
     device = eval_device(args.device)
     backbone, weights = read_backbone(args, device)
+    if 0 < args.size < backbone.patch_embed.patch_size:
+        raise ValueError(f"--size {args.size} is smaller than the patch size {backbone.patch_embed.patch_size}")
     started = time.perf_counter()
     results = evaluate_davis(backbone, videos, size=args.size, n_last_frames=args.n_last_frames, topk=args.topk,
                              neighbourhood=args.size_mask_neighborhood, temperature=args.temperature,

@@ -493,6 +493,8 @@ def torch_load_safely(path: Path, map_location="cpu", allowed=(), checkpoint: bo
         if unsafe:
             raise _unsafe_pickle_error(path, unsafe.group(1), checkpoint) from None
         reason = text.strip().splitlines()[0] if text.strip() else ""
+        # torch's own advice (load with weights_only=False) is what fastdino never does: keep its first sentence
+        reason = reason.split(". In PyTorch 2.6")[0]
         raise DamagedCheckpointError(f"cannot read {path}: unreadable as PyTorch or safetensors weights, corrupted "
                                      f"or truncated ({type(exc).__name__}: {reason})") from None
 
