@@ -539,7 +539,8 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, [*overrides, f"data.path={data_path}", *args.overrides])
         bench_config(cfg, args, device, report)
     load = report.common["load_average_1min_at_start"]
-    if device.type == "cpu" and load > 0.5:  # torch's threads spin-wait: other work on the cores skews every number
+    # torch's threads spin-wait: other work on the cores skews every number (this run's own threads count too)
+    if device.type == "cpu" and load > 0.75 * len(os.sched_getaffinity(0)):
         print(f"warning: measured on a busy machine (1-minute load {load} at the start, {len(os.sched_getaffinity(0))} "
               f"cores): CPU timings vary with the load far more than the variants differ; compare rows made at the "
               f"same low load", file=sys.stderr)
