@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdino_kernels import use_triton
+from fastdino_kernels import PointerTables, use_triton
 
 CHUNK = 16384  # elements per program
 # fp32 elements per loop step: 8 warps x 32 threads x 4, 16 bytes a thread; bf16 steps over 2 * BLOCK,
@@ -99,34 +99,15 @@ def _scale_kernel(
             _scale_chunk(addr, end, scale, tl.float32, BLOCK, ALIGNED)
 
 
-_tables: dict[tuple, tuple[tuple[torch.Tensor, ...], int]] = {}
+_tables = PointerTables(CHUNK, _TABLE_CACHE_SIZE)
 
 
 def _chunk_tables(tensors: list[torch.Tensor], device: torch.device) -> tuple[tuple[torch.Tensor, ...], int]:
     """(pointer, size, dtype, chunk-tensor, chunk-start tables on `device`, number of chunks), cached."""
     key = (device, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
-    if key in _tables:
-        return _tables[key]
-    chunk_tensor, chunk_start = [], []
-    for j, t in enumerate(tensors):
-        starts = range(0, t.numel(), CHUNK)
-        chunk_tensor += [j] * len(starts)
-        chunk_start += starts
-    rows = [[t.data_ptr() for t in tensors], [t.numel() for t in tensors], [_DTYPE_CODES[t.dtype] for t in tensors],
-            chunk_tensor, chunk_start]
-    # One host-to-device copy, from pinned memory on CUDA so that it does not wait for the device
-    # (the host allocator keeps the block until the copy is done); a trailing 0 keeps every table
-    # a valid pointer even where its row is empty (then there are no chunks, and no launch).
-    host = torch.tensor(sum(rows, []) + [0], dtype=torch.int64, pin_memory=device.type == "cuda")
-    flat = host.to(device, non_blocking=True)
-    tables, offset = [], 0
-    for row in rows:
-        tables.append(flat[offset:offset + max(len(row), 1)])
-        offset += len(row)
-    if len(_tables) >= _TABLE_CACHE_SIZE:
-        _tables.pop(next(iter(_tables)))
-    _tables[key] = (tuple(tables), len(chunk_tensor))
-    return _tables[key]
+    numels = [t.numel() for t in tensors]
+    return _tables.get(key, numels, [[t.data_ptr() for t in tensors], numels, [_DTYPE_CODES[t.dtype] for t in tensors]],
+                       device)
 
 
 def _check(tensors: list[torch.Tensor], scales: torch.Tensor) -> None:

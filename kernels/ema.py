@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdino_kernels import use_triton
+from fastdino_kernels import PointerTables, use_triton
 
 CHUNK = 16384  # elements per program
 # fp32 elements per loop step: 8 warps x 32 threads x 4, 16 bytes a thread; a pair with a bf16
@@ -108,34 +108,17 @@ def _ema_kernel(
             _lerp_chunk(t_addr, s_addr, end, coef, base_is_student, tl.float32, tl.float32, BLOCK, ALIGNED)
 
 
-_tables: dict[tuple, tuple[tuple[torch.Tensor, ...], int]] = {}
+_tables = PointerTables(CHUNK, _TABLE_CACHE_SIZE)
 
 
 def _chunk_tables(teachers: list[torch.Tensor], students: list[torch.Tensor],
                   device: torch.device) -> tuple[tuple[torch.Tensor, ...], int]:
     """(pointer, size, dtype, chunk-tensor, chunk-start tables on `device`, number of chunks), cached."""
     key = (device, tuple((t.data_ptr(), s.data_ptr(), t.numel(), t.dtype, s.dtype) for t, s in zip(teachers, students)))
-    if key in _tables:
-        return _tables[key]
-    chunk_tensor, chunk_start = [], []
-    for j, t in enumerate(teachers):
-        starts = range(0, t.numel(), CHUNK)
-        chunk_tensor += [j] * len(starts)
-        chunk_start += starts
-    rows = [[t.data_ptr() for t in teachers], [s.data_ptr() for s in students], [t.numel() for t in teachers],
-            [_DTYPE_CODES[t.dtype] | _DTYPE_CODES[s.dtype] << 1 for t, s in zip(teachers, students)],
-            chunk_tensor, chunk_start]
-    # One host-to-device copy; a trailing 0 keeps every table a valid pointer even where its row is
-    # empty (then there are no chunks, and no launch).
-    flat = torch.tensor(sum(rows, []) + [0], dtype=torch.int64).to(device)
-    tables, offset = [], 0
-    for row in rows:
-        tables.append(flat[offset:offset + max(len(row), 1)])
-        offset += len(row)
-    if len(_tables) >= _TABLE_CACHE_SIZE:
-        _tables.pop(next(iter(_tables)))
-    _tables[key] = (tuple(tables), len(chunk_tensor))
-    return _tables[key]
+    numels = [t.numel() for t in teachers]
+    return _tables.get(key, numels, [[t.data_ptr() for t in teachers], [s.data_ptr() for s in students], numels,
+                                     [_DTYPE_CODES[t.dtype] | _DTYPE_CODES[s.dtype] << 1
+                                      for t, s in zip(teachers, students)]], device)
 
 
 def _lerp_coefficients(momentum: float) -> tuple[float, int]:
