@@ -9,14 +9,13 @@ subnormal results: those are compared on CUDA only).
 """
 import logging
 import os
-from collections import Counter
 
 import pytest
 import torch
 import torch.distributed as dist
 from kernel_subprocess import (assert_compiles_for_h100, assert_passes_under_interpreter, import_kernel_module,
                                kernel_devices)
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_count import CountOps
 
 clip = import_kernel_module("clip")
 # Huge scales overflow to inf, inf * 0 is NaN, on purpose (numpy warns under the interpreter).
@@ -264,18 +263,6 @@ def random_grads(n, device, seed):
     grads = [(torch.randn(s, generator=gen) * (0.01 if i % 3 == 0 else 3.0)).to(device) for i, s in enumerate(shapes)]
     grads[-1].zero_()
     return grads
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the aten ops run inside the block, by name without overload."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def clipped_by(impl, grads, clip_grad=0.7):

@@ -11,38 +11,22 @@
 - Per-parameter clipping equals the official loop, on whole gradients and on ZeRO fragments.
 """
 import logging
-from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdino.models import DINOHead, PackedSequences, attention, vit_tiny
 from fastdino.parallel import DINOAdamW
 from fastdino.parallel.optim import PartitionFragments, adamw_impl
 from fastdino.ssl import param_groups
+from op_count import CountOps
 
 # aten ops that write a copy of their input(s).
 COPIES = {"cat", "stack", "clone", "copy_", "_to_copy", "contiguous", "index_select", "index_put"}
 # Backward ops that materialise a zero-filled gradient of the whole input for a part of it.
 ZERO_FILLED = {"select_backward", "slice_backward", "index_put_"}
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the aten ops run inside the block, by name without overload ("cat", "copy_", ...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-    def only(self, names) -> dict:
-        return {name: n for name, n in self.ops.items() if name in names}
 
 
 def tiny_block():
