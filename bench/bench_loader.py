@@ -30,13 +30,11 @@ of the work itself; (b) adds what worker processes cost (start-up, collation int
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import os
 import random
 import resource
-import shlex
 import sys
 import tempfile
 import time
@@ -293,15 +291,13 @@ def measure(name: str, run) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import triton
-
     if args.only in ("gpu", "gpu-bytes") and not torch.cuda.is_available():
         sys.exit(f"bench_loader.py --only {args.only}: needs a CUDA GPU")
     if args.only == "gpu-bytes":
         rows = [measure(name, run) for name, run in gpu_bytes_runs(args).items()]
     else:
         rows = file_pipelines(args)
-    report(rows, args, triton)
+    report(rows, args)
 
 
 def ffcv_missing(args) -> str | None:
@@ -362,7 +358,7 @@ def ratios(rows: list[dict]) -> list[str]:
     return lines
 
 
-def report(rows: list[dict], args, triton) -> None:
+def report(rows: list[dict], args) -> None:
     """Prints the table and the ratios, and appends the JSON rows (--json)."""
     crops = f"2 x {args.global_size} + {args.local_crops} x {args.local_size}"
     print(f"\nmulti-crop loading, {crops} px crops, {args.images} ImageNet-like JPEGs (500x375), {args.workers} "
@@ -376,12 +372,11 @@ def report(rows: list[dict], args, triton) -> None:
         print(line)
     if args.json:
         RESULTS_DIR.mkdir(exist_ok=True)
-        device = f"CPU, {os.cpu_count()} cores"
-        if torch.cuda.is_available():
-            device += f", {torch.cuda.get_device_name()}"
-        base = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-                "date": datetime.date.today().isoformat(),
-                "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])}
+        from fastdino.runinfo import benchmark_context
+
+        base = benchmark_context(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                                 [sys.executable, *sys.argv])
+        base.pop("load_average_1min_at_start")  # each row carries the load while it was measured
         with open(RESULTS_DIR / args.json, "a") as f:
             for row in rows:
                 for what, unit in (("img_per_s", "img/s"), ("cores_used", "cores"),
