@@ -34,3 +34,15 @@ def digits_betons(tmp_path_factory):
     convert_folder(train_dir, train, max_resolution=16, num_workers=1, progress=False)
     convert_folder(val_dir, val, max_resolution=16, num_workers=1, progress=False)
     return train, val
+
+
+@pytest.fixture
+def one_rank_group():
+    """A 1-rank gloo process group in this process (the collective of the ZeRO path), removed after."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()

@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from kernel_subprocess import (assert_compiles_for_h100, assert_passes_under_interpreter, import_kernel_module,
                                kernel_devices)
 from op_count import CountOps
@@ -296,16 +295,6 @@ def test_dino_adamw_clipping_through_the_kernel(device, launches):
             assert torch.equal(g, t)
             torch.testing.assert_close(g, want, rtol=1e-6, atol=0)
     assert ops[10] == ops[100]
-
-
-@pytest.fixture
-def one_rank_group():
-    """A 1-rank gloo process group in this process (the collective of the ZeRO path), removed after."""
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("device", [p for p in DEVICES if p.values == ("cpu",)])

@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from fastdino.models import DINOHead, PackedSequences, attention, vit_tiny
 from fastdino.parallel import DINOAdamW
@@ -199,16 +198,6 @@ def test_clipping_equals_the_official_loop():
     for p, want in zip(params, grads):
         torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=0)
     assert any(not torch.equal(p.grad, g) for p, g in zip(params, random_grads(0)))  # clipping acted
-
-
-@pytest.fixture
-def one_rank_group():
-    """A 1-rank gloo process group in this process (the collective of the ZeRO path), removed after."""
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 def test_clipping_of_zero_fragments_equals_the_official_loop(one_rank_group):
