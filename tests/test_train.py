@@ -186,3 +186,9 @@ def test_a_second_signal_stops_at_once_with_its_status(tmp_path):
     with pytest.raises(KeyboardInterrupt) as stopped:
         trainer._request_stop(signal.SIGTERM, None)
     assert stopped.value.exit_status == 143
+    assert "no checkpoint was written yet" in str(stopped.value)  # nothing to promise before the first one
+    trainer.save(1)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        trainer._request_stop(signal.SIGTERM, None)
+    assert f"the last checkpoint in {trainer.checkpoint_dir} is intact" in str(stopped.value)
+    trainer.close()

@@ -64,8 +64,10 @@ class InterruptedNow(KeyboardInterrupt):
     """A second SIGINT or SIGTERM: stop at once, without a checkpoint (the last one is intact).
     A KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
 
-    def __init__(self, signum: int):
-        super().__init__(f"signal {signum} again: stopped at once; the last checkpoint is intact")
+    def __init__(self, signum: int, checkpoint_dir: Path | None = None):
+        where = (f"the last checkpoint in {checkpoint_dir} is intact" if checkpoint_dir is not None
+                 else "no checkpoint was written yet")
+        super().__init__(f"signal {signum} again: stopped at once; {where}")
         self.exit_status = 128 + signum
 
 
@@ -344,7 +346,7 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         if self._stop_signal:
-            raise InterruptedNow(signum)
+            raise InterruptedNow(signum, self.checkpoint_dir if ckpt.list_checkpoints(self.checkpoint_dir) else None)
         logger.warning("signal %d: stopping after this step and writing a checkpoint (again to stop now)", signum)
         self._stop_signal = signum
 
