@@ -86,11 +86,11 @@ class ViewRecipe:
         return [draw_view(sizes, view, self.augment, generator) for view in self.views]
 
 
-def seeded_generator(*keys):
-    """A CPU torch.Generator whose stream is a function of the non-negative ints `keys` alone: the
-    loaders seed batch b of epoch e on rank r with (seed, e, b, r)."""
+def seeded_generator(*keys, device: str | torch.device = "cpu"):
+    """A torch.Generator on `device` whose stream is a function of the non-negative ints `keys`
+    alone: the loaders seed batch b of epoch e on rank r with (seed, e, b, r)."""
     state = np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    return torch.Generator(device).manual_seed(int(state))
 
 
 # ---------------------------------------------------------------- random draws (CPU)

@@ -9,8 +9,9 @@ reproducible and resume exactly.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from fastdino.data.recipe import seeded_generator
 
 SYNTHETIC = "synthetic"
 IMAGENET_TRAIN_IMAGES = 1_281_167  # one synthetic epoch: schedules and ETAs are those of an ImageNet-1k run
@@ -57,9 +58,8 @@ class SyntheticMultiCrop:
         """Batches start_batch, start_batch + 1, ... of epoch `epoch`, each the same as in a full run."""
         labels = torch.full((self.batch_size,), -1, dtype=torch.long, device=self.device)
         for batch_index in range(start_batch, len(self)):
-            key = np.random.SeedSequence([self.seed, epoch, batch_index, self.rank]).generate_state(1, np.uint64)[0]
             # Drawn on the device itself: a host-side draw and copy would cost more than the step on a GPU.
-            generator = torch.Generator(self.device).manual_seed(int(key))
+            generator = seeded_generator(self.seed, epoch, batch_index, self.rank, device=self.device)
             crops = [torch.randn(self.batch_size, 3, size, size, generator=generator, device=self.device).to(self.dtype)
                      for size in self.sizes]
             yield crops, labels
