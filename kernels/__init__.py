@@ -40,13 +40,15 @@ class PointerTables:
 
     def __init__(self, chunk: int, cache_size: int):
         self.chunk, self.cache_size = chunk, cache_size
-        self._cache: dict[tuple, tuple[tuple[torch.Tensor, ...], int]] = {}
+        self._cache: dict[tuple, tuple[tuple[torch.Tensor, ...], int, bool]] = {}
 
-    def get(self, key: tuple, numels: list[int], columns: list[list[int]], device: torch.device
-            ) -> tuple[tuple[torch.Tensor, ...], int]:
+    def get(self, key: tuple, numels: list[int], columns: list[list[int]], device: torch.device,
+            pointer_columns: int) -> tuple[tuple[torch.Tensor, ...], int, bool]:
         """(the int64 tables on `device`: each of `columns` (one value per tensor), then the chunk
-        tensor and chunk start tables; the number of chunks). `key` identifies the list (its
-        addresses, sizes and dtypes); `numels` are the tensors' sizes."""
+        tensor and chunk start tables; the number of chunks; whether every address in the first
+        `pointer_columns` columns is 16-byte aligned: separate allocations are, views into a flat
+        buffer (ZeRO's) may not be). `key` identifies the list (its addresses, sizes and dtypes);
+        `numels` are the tensors' sizes."""
         if key in self._cache:
             return self._cache[key]
         chunk_tensor, chunk_start = [], []
@@ -66,5 +68,6 @@ class PointerTables:
             offset += len(row)
         if len(self._cache) >= self.cache_size:
             self._cache.pop(next(iter(self._cache)))
-        self._cache[key] = (tuple(tables), len(chunk_tensor))
+        aligned = all(address % 16 == 0 for column in columns[:pointer_columns] for address in column)
+        self._cache[key] = (tuple(tables), len(chunk_tensor), aligned)
         return self._cache[key]

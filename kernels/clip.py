@@ -102,12 +102,13 @@ def _scale_kernel(
 _tables = PointerTables(CHUNK, _TABLE_CACHE_SIZE)
 
 
-def _chunk_tables(tensors: list[torch.Tensor], device: torch.device) -> tuple[tuple[torch.Tensor, ...], int]:
-    """(pointer, size, dtype, chunk-tensor, chunk-start tables on `device`, number of chunks), cached."""
+def _chunk_tables(tensors: list[torch.Tensor], device: torch.device) -> tuple[tuple[torch.Tensor, ...], int, bool]:
+    """(pointer, size, dtype, chunk-tensor, chunk-start tables on `device`, number of chunks, all
+    16-byte aligned), cached."""
     key = (device, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
     numels = [t.numel() for t in tensors]
     return _tables.get(key, numels, [[t.data_ptr() for t in tensors], numels, [_DTYPE_CODES[t.dtype] for t in tensors]],
-                       device)
+                       device, pointer_columns=1)
 
 
 def _check(tensors: list[torch.Tensor], scales: torch.Tensor) -> None:
@@ -144,11 +145,9 @@ def scale_tensors_(tensors: list[torch.Tensor], scales: torch.Tensor) -> None:
         raise RuntimeError(f"scale_tensors_: the Triton kernel cannot run on {device.type} tensors here "
                            "(CUDA, or CPU with TRITON_INTERPRET=1 set before triton is imported); "
                            "use scale_tensors_reference_")
-    tables, n_chunks = _chunk_tables(tensors, device)
+    tables, n_chunks, aligned = _chunk_tables(tensors, device)
     if n_chunks == 0:
         return
-    # Views into a flat buffer (ZeRO's gradient partition) may start on any element.
-    aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
     _scale_kernel[(n_chunks,)](
         *tables, scales.contiguous(),
         CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=aligned, num_warps=8, enable_fp_fusion=False,

@@ -112,13 +112,14 @@ _tables = PointerTables(CHUNK, _TABLE_CACHE_SIZE)
 
 
 def _chunk_tables(teachers: list[torch.Tensor], students: list[torch.Tensor],
-                  device: torch.device) -> tuple[tuple[torch.Tensor, ...], int]:
-    """(pointer, size, dtype, chunk-tensor, chunk-start tables on `device`, number of chunks), cached."""
+                  device: torch.device) -> tuple[tuple[torch.Tensor, ...], int, bool]:
+    """(pointer, size, dtype, chunk-tensor, chunk-start tables on `device`, number of chunks, all
+    16-byte aligned), cached."""
     key = (device, tuple((t.data_ptr(), s.data_ptr(), t.numel(), t.dtype, s.dtype) for t, s in zip(teachers, students)))
     numels = [t.numel() for t in teachers]
     return _tables.get(key, numels, [[t.data_ptr() for t in teachers], [s.data_ptr() for s in students], numels,
                                      [_DTYPE_CODES[t.dtype] | _DTYPE_CODES[s.dtype] << 1
-                                      for t, s in zip(teachers, students)]], device)
+                                      for t, s in zip(teachers, students)]], device, pointer_columns=2)
 
 
 def _lerp_coefficients(momentum: float) -> tuple[float, int]:
@@ -164,12 +165,10 @@ def ema_update_tensors_(teacher_tensors: list[torch.Tensor], student_tensors: li
         raise RuntimeError(f"ema_update_tensors_: the Triton kernel cannot run on {device.type} tensors here "
                            "(CUDA, or CPU with TRITON_INTERPRET=1 set before triton is imported); "
                            "use ema_update_tensors_reference_")
-    tables, n_chunks = _chunk_tables(teacher_tensors, student_tensors, device)
+    tables, n_chunks, aligned = _chunk_tables(teacher_tensors, student_tensors, device)
     if n_chunks == 0:
         return
     coef, from_student = _lerp_coefficients(momentum)
-    # Views into flat buffers (DeepSpeed's) may start anywhere; separate allocations start on 256 bytes.
-    aligned = all(t.data_ptr() % 16 == 0 for t in (*teacher_tensors, *student_tensors))
     _ema_kernel[(n_chunks,)](
         *tables, coef, from_student,
         CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=aligned, num_warps=8, enable_fp_fusion=False,
