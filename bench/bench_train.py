@@ -3,11 +3,13 @@ same model size, same inputs, side by side in one run.
 
     fastdino   what `fastdino train` runs: packed multi-crop student (one pass over all crops,
                xformers BlockDiagonalMask where its kernels run, else SDPA per resolution),
-               subset stochastic depth, fused DINO loss and EMA kernels on CUDA, foreach
-               per-parameter clipping, AdamW, bf16 autocast on CUDA; `model.compile=true` and
+               subset stochastic depth, the last block at the class tokens only, fused DINO
+               loss and EMA kernels on CUDA, foreach per-parameter clipping, fused AdamW, bf16
+               autocast on CUDA; `model.compile=true` and
                `model.activation_checkpointing=true` switch on from the config as in training.
     official   what facebookresearch/dino's train_one_epoch does, written here on the same
                modules: one backbone forward per resolution with plain (math) attention,
+               every token through the last block (fastdino's computes only the class tokens there),
                per-sample drop path, the per-pair DINOLoss loop, per-parameter clipping with a
                host sync per parameter, fp16 autocast with GradScaler (as it ships:
                use_fp16=True), the `loss.item()` finiteness check, and the per-tensor EMA loop.
@@ -199,6 +201,8 @@ class OfficialStep:
                                                 "drop_path_impl": "per_sample", "compile": False,
                                                 "activation_checkpointing": False})
         nets = build_student_teacher(model_cfg)
+        for net in (nets.student, nets.teacher):  # official VisionTransformer.forward: every block at every token
+            net.backbone.forward = lambda x, backbone=net.backbone: backbone.forward_features(x)[:, 0]
         self.student, self.teacher = nets.student.to(device), nets.teacher.to(device)
         self.cfg, self.device = cfg, device
         self.ncrops = 2 + cfg.data.n_local_crops

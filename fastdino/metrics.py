@@ -8,6 +8,11 @@ embedding and the DINO head (MLP and the K prototypes). shared/DESIGN.md's table
 the patch embedding out: with it, 2 x 224 + 10 x 96 at K = 65536 costs 123.8 GF per image
 for ViT-S/16 (table: 122) and 474.1 GF for ViT-B/16 (table: 471); tests/test_metrics.py
 checks both against the table.
+
+These are the model's FLOPs, the same count for every implementation, so MFU compares like with
+like: fastdino's class-token readout skips the last block's work at the other tokens, which
+nothing reads (for ViT-S/16 at 2 x 224 + 10 x 96, 6.7 % of this count), and activation
+checkpointing's recomputation is not counted either.
 """
 from __future__ import annotations
 

@@ -64,16 +64,18 @@ def test_the_gather_path_it_replaced_copies_and_the_counter_sees_it():
 # ---------------------------------------------------------------- AdamW implementation
 
 def fake_params(device: str, dtype=torch.float32):
-    """Stand-ins with the two attributes the choice reads (no GPU needed to test the decision)."""
-    return [SimpleNamespace(device=torch.device(device), is_floating_point=lambda: dtype.is_floating_point)] * 3
+    """Stand-ins with the attributes the choice reads (no GPU needed to test the decision)."""
+    return [SimpleNamespace(device=torch.device(device), dtype=dtype,
+                            is_floating_point=lambda: dtype.is_floating_point)] * 3
 
 
 def test_adamw_impl_choice():
     assert adamw_impl("auto", fake_params("cuda"))[0] == "fused"
-    impl, why = adamw_impl("auto", fake_params("cpu"))
-    assert impl == "for_loop" and "CUDA only" in why  # torch's CPU default: the update of earlier runs
-    assert adamw_impl("auto", fake_params("cuda", torch.int64))[0] == "foreach"
-    assert adamw_impl("auto", fake_params("cuda") + fake_params("cpu"))[0] == "for_loop"
+    assert adamw_impl("auto", fake_params("cpu"))[0] == "fused"  # torch has a CPU fused kernel
+    assert adamw_impl("auto", fake_params("cuda") + fake_params("cpu"))[0] == "fused"
+    impl, why = adamw_impl("auto", fake_params("cuda", torch.int64))
+    assert impl == "foreach" and why == "torch has no fused kernel for torch.int64 parameters on cuda"
+    assert adamw_impl("auto", fake_params("meta"))[0] == "for_loop"  # neither fused nor foreach kernels
     for name in ("fused", "foreach", "for_loop"):
         assert adamw_impl(name, [torch.zeros(2)]) == (name, "asked for")  # torch has a CPU fused kernel
     with pytest.raises(ValueError, match="impl 'fused' cannot run.*torch.int64"):
@@ -82,13 +84,13 @@ def test_adamw_impl_choice():
         adamw_impl("fast", [])
 
 
-def test_dino_adamw_on_cpu_keeps_the_default_update_and_logs_it(caplog):
+def test_dino_adamw_on_cpu_runs_the_fused_update_and_logs_it(caplog):
     model = torch.nn.Linear(3, 2)
     with caplog.at_level(logging.INFO, logger="fastdino.parallel.optim"):
         optimizer = DINOAdamW(model.parameters(), lr=0.1, clip_grad=1.0)
-    assert optimizer.impl == "for_loop"
-    assert all(g["fused"] is False and g["foreach"] is False for g in optimizer.param_groups)
-    assert "AdamW for-loop on cpu" in caplog.text
+    assert optimizer.impl == "fused"
+    assert all(g["fused"] is True and g["foreach"] is False for g in optimizer.param_groups)
+    assert "AdamW fused on cpu" in caplog.text
     with pytest.raises(TypeError, match="impl="):
         DINOAdamW(model.parameters(), lr=0.1, clip_grad=1.0, fused=True)
 

@@ -331,6 +331,87 @@ def test_model_trains_with_stochastic_depth_packed(impl):
         tiny_vit(drop_path_impl="fast")
 
 
+# ---------------------------------------------------------------- class-token readout
+
+def full_readout(model, batches):
+    """The class tokens of every block computed at every token (forward_features' path), normed."""
+    if len(batches) == 1:
+        return model.forward_features(batches[0])[:, 0]
+    tokens = [model.prepare_tokens(x) for x in batches]
+    pack = PackedSequences(tuple((t.shape[0], t.shape[1]) for t in tokens))
+    out = model.run_blocks(torch.cat([t.flatten(0, 1) for t in tokens]).unsqueeze(0), pack).squeeze(0)
+    return model.norm(out.index_select(0, pack.class_token_rows()))
+
+
+@pytest.mark.parametrize("drop_path_impl", ["subset", "per_sample"])
+@pytest.mark.parametrize("layout", ["globals_and_locals", "odd_three_sizes", "single_resolution", "one_image"])
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_class_token_readout_matches_the_full_last_block(backend, layout, drop_path_impl):
+    """forward / forward_packed compute the last block at the class tokens only: the same outputs
+    and gradients as the full last block read at the class tokens, in training with stochastic
+    depth (the same draws keep the same samples), fp32, within 1e-5."""
+    torch.manual_seed(0)
+    model = tiny_vit(backend, drop_path_rate=0.5, drop_path_impl=drop_path_impl).train()
+    batches = images(LAYOUTS[layout])
+    weights = torch.randn(sum(len(b) for b in batches), model.embed_dim)
+    results = []
+    for readout in (full_readout, lambda m, b: m(b[0]) if len(b) == 1 else m.forward_packed(b)):
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = readout(model, batches)
+        (out * weights).sum().backward()
+        results.append((out, grads(model)))
+    (full, full_grads), (readout_out, readout_grads) = results
+    torch.testing.assert_close(readout_out, full, atol=1e-5, rtol=1e-5)
+    assert readout_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(readout_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_class_token_readout_runs_the_last_mlp_on_class_tokens_only():
+    model = tiny_vit("sdpa").eval()
+    rows = []
+    model.blocks[-1].mlp.fc1.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1]))
+    batches = images(LAYOUTS["globals_and_locals"])
+    model.forward_packed(batches)
+    model(batches[0])
+    assert rows == [(1, 16), (4, 1)]  # 16 class tokens of the pack, then 4 images of one batch
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_class_token_attention_with_a_dense_bias_keeps_its_class_row(backend):
+    torch.manual_seed(0)
+    attn = tiny_vit(backend).blocks[0].attn
+    x, bias = torch.randn(3, 5, 32), torch.randn(3, 4, 5, 5)
+    torch.testing.assert_close(attn.forward_class_tokens(x, bias), attn(x, bias)[:, :1], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="class-token attention takes a tensor or PackedSequences"):
+        attn.forward_class_tokens(x, object())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_packed_class_token_attention_matches_the_full_packed_rows(backend, dtype):
+    """Against the full packed attention read at the class tokens: fp32 within 1e-6, bf16 within its
+    rounding (2e-2), forward and the gradients of q, k and v."""
+    torch.manual_seed(0)
+    pack = PackedSequences(((3, 5), (1, 2), (4, 3)))
+    q, k, v = (torch.randn(pack.total_tokens, 2, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    rows = pack.class_token_rows()
+    tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    weights = torch.randn(pack.num_sequences, 16, dtype=dtype)
+    results = []
+    for run in (lambda: torch.cat(attention_module.packed_attention_rows(q, k, v, pack, backend)).index_select(0, rows),
+                lambda: attention_module.packed_class_token_attention(q.index_select(0, rows), k, v, pack, backend)):
+        q.grad = k.grad = v.grad = None
+        out = run()
+        (out.float() * weights.float()).sum().backward()
+        results.append((out, q.grad.clone(), k.grad.clone(), v.grad.clone()))
+    for full, class_only in zip(*results):
+        torch.testing.assert_close(class_only, full, **tolerance)
+    with pytest.raises(ValueError, match="class-token attention wants"):
+        attention_module.packed_class_token_attention(q, k, v, pack, backend)
+
+
 # ---------------------------------------------------------------- activation checkpointing, compile
 
 @pytest.mark.parametrize("packed", [True, False])

@@ -68,18 +68,38 @@ class PackedSequences:
             offset += count * length
         return starts
 
-    def xformers_bias(self, device: torch.device):
-        """The xformers `BlockDiagonalMask` of this layout (cached: it holds a device tensor)."""
-        return _block_diagonal_mask(self.groups, str(device))
+    def xformers_bias(self, device: torch.device, class_token_queries: bool = False):
+        """The xformers `BlockDiagonalMask` of this layout (cached: it holds a device tensor); with
+        `class_token_queries`, the mask for one query per sequence (its class token) over its keys."""
+        return _block_diagonal_mask(self.groups, str(device), class_token_queries)
+
+    def class_tokens(self) -> "PackedSequences":
+        """The layout of this pack's class tokens alone: the same groups, one token per sequence."""
+        return PackedSequences(tuple((count, 1) for count, _ in self.groups))
+
+    def class_token_rows(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Token index of every sequence's first token (its class token), `[num_sequences]` int64, in order."""
+        return _class_token_rows(self.groups, str(device))
 
 
 # Subset stochastic depth makes a few layouts per block (kept counts vary by one): room for them all.
 @functools.lru_cache(maxsize=512)
-def _block_diagonal_mask(groups: tuple[tuple[int, int], ...], device: str):
+def _block_diagonal_mask(groups: tuple[tuple[int, int], ...], device: str, class_token_queries: bool):
     from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
     seqlens = [length for count, length in groups for _ in range(count)]
+    if class_token_queries:
+        return BlockDiagonalMask.from_seqlens([1] * len(seqlens), seqlens, device=torch.device(device))
     return BlockDiagonalMask.from_seqlens(seqlens, device=torch.device(device))
+
+
+@functools.lru_cache(maxsize=512)
+def _class_token_rows(groups: tuple[tuple[int, int], ...], device: str) -> torch.Tensor:
+    starts, offset = [], 0
+    for count, length in groups:
+        starts.append(torch.arange(count) * length + offset)
+        offset += count * length
+    return torch.cat(starts).to(device)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto", *,
@@ -99,7 +119,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
     weights = attention_weights(q, k, scale=scale, attn_bias=attn_bias)
-    return F.dropout(weights, p=dropout_p) @ v
+    # Only with a rate: F.dropout(p=0) still draws a mask, which costs time and moves the RNG stream.
+    return (F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights) @ v
 
 
 def _packed_attention(q, k, v, backend: str, scale: float, dropout_p: float,
@@ -145,6 +166,39 @@ def packed_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pac
                         scale=scale, dropout_p=dropout_p)
         blocks.append(out.transpose(1, 2).reshape(count * length, heads * head_dim))
     return blocks
+
+
+def packed_class_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PackedSequences,
+                                 backend: str = "auto", *, scale: float | None = None,
+                                 dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention of each packed sequence's class token over its own sequence.
+
+    q: `[num_sequences, heads, D]`, the class tokens' queries in pack order; k, v: `[T, heads, D]`
+    (T = `pack.total_tokens`). Returns `[num_sequences, heads * D]`, head-major channels: the rows of
+    `torch.cat(packed_attention_rows(...))` at `pack.class_token_rows()`, up to float rounding.
+    xformers runs it as one kernel (a block-diagonal mask of one query per sequence); sdpa and math
+    as one call per group, `[count, heads, 1, D]` queries over `[count, heads, length, D]` keys.
+    Raises ValueError when the shapes do not match the pack.
+    """
+    backend = resolve_attention_backend(backend, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    sequences, heads, head_dim = q.shape
+    if sequences != pack.num_sequences or k.shape[0] != pack.total_tokens:
+        raise ValueError(f"class-token attention wants [{pack.num_sequences}, heads, D] queries and "
+                         f"[{pack.total_tokens}, heads, D] keys, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if backend == "xformers":
+        out = _xformers_attention(*(t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)),
+                                  pack.xformers_bias(q.device, class_token_queries=True), dropout_p, scale)
+        return out.squeeze(0).transpose(0, 1).reshape(sequences, heads * head_dim)
+    sizes = [count * length for count, length in pack.groups]
+    blocks = []
+    for (count, length), q_group, k_group, v_group in zip(pack.groups, q.split([c for c, _ in pack.groups]),
+                                                          k.split(sizes), v.split(sizes)):
+        out = attention(q_group.unsqueeze(2),
+                        *(t.unflatten(0, (count, length)).transpose(1, 2) for t in (k_group, v_group)),
+                        backend, scale=scale, dropout_p=dropout_p)
+        blocks.append(out.reshape(count, heads * head_dim))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 def packed_linear(blocks: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

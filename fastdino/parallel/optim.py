@@ -15,10 +15,10 @@ its base optimizer one parameter group at a time.
   keeps no moments and no step count for them, exactly as with grad=None. This
   works for partitioned gradients too, where setting grad=None cannot.
 - The AdamW update (`impl`, decided once at construction and logged): "fused" (per
-  parameter group and dtype, one multi-tensor update kernel and the step-count increment,
-  instead of foreach's dozen multi-tensor ops) where every parameter is a floating-point
-  CUDA tensor, else torch's default for the device ("foreach" on CUDA,
-  "for_loop" on the CPU, where the update stays bit-identical to earlier runs). Both
+  parameter group and dtype, one pass over each parameter's weight, gradient and moments, instead
+  of foreach's dozen multi-tensor ops on CUDA or the for-loop's six passes per parameter on the
+  CPU: 27 against 135 ms for ViT-S/16 with its K = 65536 head on 2 CPU cores) wherever torch has a
+  fused kernel for every parameter (CUDA and the CPU among others), else torch's default. Both
   DINO details compose with any of them: clipping rewrites the gradients before the
   update, and every implementation walks `self.param_groups`, which step() narrows
   to the groups that are not frozen.
@@ -52,9 +52,10 @@ ADAMW_IMPLS = ("fused", "foreach", "for_loop")
 def adamw_impl(name: str, params: list[torch.Tensor]) -> tuple[str, str]:
     """(implementation, why) of the AdamW update `name` ("auto" or one of ADAMW_IMPLS) for `params`.
 
-    "auto" picks "fused" when every parameter is a floating-point CUDA tensor (torch's fused
-    kernel: fewer launches, same update up to float rounding), else torch's default: "foreach"
-    when every parameter is on a device with multi-tensor kernels, "for_loop" otherwise (the CPU).
+    "auto" picks "fused" when every parameter is a floating-point tensor on a device torch has a
+    fused AdamW kernel for (CUDA, the CPU, ...: one pass per parameter, the same update up to float
+    rounding), else torch's default: "foreach" when every parameter is on a device with
+    multi-tensor kernels, "for_loop" otherwise.
     Raises ValueError for an unknown name, and for "fused" when torch has no fused kernel for
     some parameter's device or dtype.
     """
@@ -63,18 +64,18 @@ def adamw_impl(name: str, params: list[torch.Tensor]) -> tuple[str, str]:
 
     if name not in ("auto", *ADAMW_IMPLS):
         raise ValueError(f"unknown AdamW implementation {name!r}; choose one of auto, {', '.join(ADAMW_IMPLS)}")
+    unsupported = [p for p in params if not (p.is_floating_point()
+                                             and p.device.type in _get_fused_kernels_supported_devices())]
     if name == "fused":
-        unsupported = [p for p in params if not (p.is_floating_point()
-                                                 and p.device.type in _get_fused_kernels_supported_devices())]
         if unsupported:
             raise ValueError(f"AdamW impl 'fused' cannot run: torch has no fused kernel for {unsupported[0].dtype} "
                              f"parameters on {unsupported[0].device.type}; use 'auto'")
         return "fused", "asked for"
     if name != "auto":
         return name, "asked for"
-    if params and all(p.device.type == "cuda" and p.is_floating_point() for p in params):
-        return "fused", "every parameter is a floating-point CUDA tensor"
-    why = ("fused is picked on CUDA only; elsewhere torch's default update runs, as in earlier runs"
+    if params and not unsupported:
+        return "fused", "torch has a fused kernel for every parameter's device and dtype"
+    why = (f"torch has no fused kernel for {unsupported[0].dtype} parameters on {unsupported[0].device.type}"
            if params else "no parameters")
     if params and all(p.device.type in _get_foreach_kernels_supported_devices() for p in params):
         return "foreach", why
