@@ -188,6 +188,7 @@ def test_a_pickle_in_a_step_file_never_runs(one_process_run, tmp_path):
 ZERO_CHILD = textwrap.dedent("""
     import hashlib, importlib, json, shutil, sys
     from pathlib import Path
+    from fastdino.parallel import SHARD_PICKLED_CLASSES
     from fastdino.train import checkpoint as ckpt
     from fastdino.train.trainer import Trainer
     from test_integrity import FullDisk, plant, resumed_step, tiny
@@ -196,7 +197,7 @@ ZERO_CHILD = textwrap.dedent("""
     zero = ["parallel.zero_stage=2"]
     Trainer(tiny(root / "run", "max_steps=2", *zero)).train()
     allowed = [getattr(importlib.import_module(m), n)
-               for m, _, n in (q.rpartition(".") for q in ckpt.DEEPSPEED_GLOBALS)]
+               for m, _, n in (q.rpartition(".") for q in SHARD_PICKLED_CLASSES)]
     report = {}
     for name in ("fastdino.pt", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                  "rank_00000.pt"):

@@ -340,7 +340,7 @@ def full_readout(model, batches):
     tokens = [model.prepare_tokens(x) for x in batches]
     pack = PackedSequences(tuple((t.shape[0], t.shape[1]) for t in tokens))
     out = model.run_blocks(torch.cat([t.flatten(0, 1) for t in tokens]).unsqueeze(0), pack).squeeze(0)
-    return model.norm(out.index_select(0, pack.class_token_rows()))
+    return model.norm(out.index_select(0, pack.class_token_rows(out.device)))
 
 
 @pytest.mark.parametrize("drop_path_impl", ["subset", "per_sample"])
@@ -366,6 +366,28 @@ def test_class_token_readout_matches_the_full_last_block(backend, layout, drop_p
     assert readout_grads.keys() == full_grads.keys()
     for name in full_grads:
         torch.testing.assert_close(readout_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(not xformers_runs_on_cuda(), reason="needs CUDA with working xformers kernels")
+@pytest.mark.parametrize("layout", ["globals_and_locals", "odd_three_sizes", "single_resolution"])
+def test_class_token_readout_with_xformers_on_cuda_matches_the_full_last_block(layout):
+    """The one-kernel class-token attention (a block-diagonal mask of one query per sequence), fp32,
+    with subset stochastic depth, against the full last block: within 1e-4 (xformers' fp32 kernels)."""
+    torch.manual_seed(0)
+    model = tiny_vit("xformers", drop_path_rate=0.5).cuda().train()
+    batches = [b.cuda() for b in images(LAYOUTS[layout])]
+    weights = torch.randn(sum(len(b) for b in batches), model.embed_dim, device="cuda")
+    results = []
+    for readout in (full_readout, lambda m, b: m(b[0]) if len(b) == 1 else m.forward_packed(b)):
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = readout(model, batches)
+        (out * weights).sum().backward()
+        results.append((out, grads(model)))
+    (full, full_grads), (readout_out, readout_grads) = results
+    torch.testing.assert_close(readout_out, full, atol=1e-4, rtol=1e-4)
+    for name in full_grads:
+        torch.testing.assert_close(readout_grads[name], full_grads[name], atol=1e-3, rtol=1e-3, msg=name)
 
 
 def test_class_token_readout_runs_the_last_mlp_on_class_tokens_only():

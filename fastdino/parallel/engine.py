@@ -42,6 +42,13 @@ from fastdino.ssl import param_groups
 from fastdino.ssl.meta_arch import compile_blocks
 from fastdino.train import checkpoint as ckpt
 
+# What DeepSpeed's ZeRO 0-2 shard files pickle besides tensors and plain values (found by saving
+# checkpoints of every stage and listing torch.serialization.get_unsafe_globals_in_checkpoint): the
+# only classes the safe loaders let through, for the shards and for a resume's pre-check.
+SHARD_PICKLED_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                         "deepspeed.runtime.zero.config.ZeroStageEnum",
+                         "deepspeed.utils.tensor_fragment.fragment_address")
+
 logger = logging.getLogger(__name__)
 
 
@@ -176,7 +183,7 @@ def safe_checkpoint_engine():
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
     allowed = [getattr(importlib.import_module(module), name)
-               for module, _, name in (qualified.rpartition(".") for qualified in ckpt.DEEPSPEED_GLOBALS)]
+               for module, _, name in (qualified.rpartition(".") for qualified in SHARD_PICKLED_CLASSES)]
 
     class SafeCheckpointEngine(CheckpointEngine):
         """DeepSpeed's plain torch.save / torch.load engine, except that it loads with

@@ -18,9 +18,9 @@ and cleared later (`remove_interrupted_writes`).
 
 Reading: every checksum is verified before anything is unpickled; a checkpoint
 without checksums (written before they existed) is read with a warning. Files are
-unpickled with `torch.load(weights_only=True)` (`torch_load_safely`); DeepSpeed's
-files as well, through fastdino.parallel's checkpoint engine, allowing only the
-few DeepSpeed classes its ZeRO files hold (`DEEPSPEED_GLOBALS`). Non-finite
+unpickled with `torch.load(weights_only=True)` (`torch_load_safely`); the parallel
+runner's shard files as well, through fastdino.parallel's checkpoint engine, allowing only
+the few classes they hold, which fastdino.parallel names (`SHARD_PICKLED_CLASSES`). Non-finite
 tensors are refused. `--resume auto` takes the newest intact checkpoint and says
 which newer ones it skipped and why. Pruning deletes only checkpoints of steps
 below the one just written, so it never deletes that one, nor a checkpoint of
@@ -49,11 +49,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 SHARDED_PAYLOAD = "fastdino.pt"
 CHECKSUM_SUFFIX = ".sha256"  # beside a step file
 CHECKSUMS_FILE = "SHA256SUMS"  # inside a step folder
-# What DeepSpeed's ZeRO 0-2 files pickle besides tensors and plain values (found by saving
-# checkpoints of every stage and listing torch.serialization.get_unsafe_globals_in_checkpoint).
-DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                     "deepspeed.runtime.zero.config.ZeroStageEnum",
-                     "deepspeed.utils.tensor_fragment.fragment_address")
 # Official DINO training checkpoints keep their command-line arguments in one (plain values only).
 _SAFE_EVERYWHERE = (argparse.Namespace,)
 
@@ -536,19 +531,20 @@ def check_finite(state, path) -> None:
                                      f"which training never saves")
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu", *, shard_classes=()) -> dict:
     """A fastdino training checkpoint to resume from: a step file, or a DeepSpeed step folder (its
     fastdino.pt: everything but the optimizer). Checksums are verified first (a checkpoint without
-    them is read with a warning), every file of a step folder is checked for pickled classes
-    DeepSpeed does not store, and non-finite tensors are refused. Raises DamagedCheckpointError
-    for damage, CheckpointError for anything else."""
+    them is read with a warning), every other file of a step folder (the runner's shards) is checked
+    for pickled classes beyond `shard_classes` (qualified names: fastdino.parallel's
+    SHARD_PICKLED_CLASSES), and non-finite tensors are refused. Raises DamagedCheckpointError for
+    damage, CheckpointError for anything else."""
     step_file = _step_file(Path(path))
     checkpoint = _checkpoint_of(step_file)
     verify_checkpoint(checkpoint)
     if checkpoint.is_dir():  # DeepSpeed unpickles its own files later: refuse unsafe ones now, before it runs
         for other in sorted(checkpoint.rglob("*.pt")):
             if other != step_file:
-                refuse_unsafe_pickles(other, DEEPSPEED_GLOBALS)
+                refuse_unsafe_pickles(other, shard_classes)
     state = torch_load_safely(step_file, map_location, checkpoint=True)
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {step_file} is not a fastdino v{CHECKPOINT_VERSION} training checkpoint")
@@ -556,11 +552,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
-def load_resume_checkpoint(checkpoint_dir: Path, resume: str, map_location="cpu") -> tuple[Path | None, dict | None]:
+def load_resume_checkpoint(checkpoint_dir: Path, resume: str, map_location="cpu", *,
+                           shard_classes=()) -> tuple[Path | None, dict | None]:
     """(checkpoint, its state) that `--resume` names: for "auto" the newest intact one in
     `checkpoint_dir` (each damaged newer one is skipped with a warning saying why), (None, None)
     when it holds none; otherwise the path given, where damage is an error. Raises
     DamagedCheckpointError when every checkpoint is damaged, CheckpointError as load_checkpoint."""
     if resume != "auto":
-        return Path(resume), load_checkpoint(resume, map_location)
-    return _newest_that_passes(checkpoint_dir, lambda path: load_checkpoint(path, map_location))
+        return Path(resume), load_checkpoint(resume, map_location, shard_classes=shard_classes)
+    return _newest_that_passes(checkpoint_dir,
+                               lambda path: load_checkpoint(path, map_location, shard_classes=shard_classes))

@@ -30,7 +30,7 @@ from fastdino._requires import require_ffcv
 from fastdino.config import check_resume_fits
 from fastdino.data.synthetic import SYNTHETIC
 from fastdino.eval.knn import knn_accuracy
-from fastdino.parallel import barrier, init_distributed, memory_bytes
+from fastdino.parallel import SHARD_PICKLED_CLASSES, barrier, init_distributed, memory_bytes
 from fastdino.runinfo import resolve_device, run_metadata, setup_logging
 from fastdino.train import checkpoint as ckpt
 from fastdino.train.builders import build_dino_step, build_training_loader
@@ -163,7 +163,8 @@ class Trainer:
         logger.info("config\n%s", OmegaConf.to_yaml(cfg).rstrip(), extra={"file_only": True})
         logger.info("config: %s (and train.log)", self.output_dir / run_folder.CONFIG_FILE)
         # --resume auto takes the newest intact checkpoint, skipping damaged ones with a warning
-        resume_path, state = (ckpt.load_resume_checkpoint(self.checkpoint_dir, resume, map_location=self.device)
+        resume_path, state = (ckpt.load_resume_checkpoint(self.checkpoint_dir, resume, map_location=self.device,
+                                                          shard_classes=SHARD_PICKLED_CLASSES)
                               if resume else (None, None))
         if resume == "auto" and resume_path is None and self.is_main:
             # kept a warning, not an error: a requeued job (SLURM) starts this way the first time
