@@ -343,6 +343,24 @@ def full_readout(model, batches):
     return model.norm(out.index_select(0, pack.class_token_rows(out.device)))
 
 
+def check_readout_matches_full(model, batches, atol: float, rtol: float, grad_atol: float, grad_rtol: float):
+    """The readout (forward / forward_packed) against `full_readout`, same draws (same seed), forward
+    and every parameter's gradient."""
+    weights = torch.randn(sum(len(b) for b in batches), model.embed_dim, device=batches[0].device)
+    results = []
+    for readout in (full_readout, lambda m, b: m(b[0]) if len(b) == 1 else m.forward_packed(b)):
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = readout(model, batches)
+        (out * weights).sum().backward()
+        results.append((out, grads(model)))
+    (full, full_grads), (readout_out, readout_grads) = results
+    torch.testing.assert_close(readout_out, full, atol=atol, rtol=rtol)
+    assert readout_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(readout_grads[name], full_grads[name], atol=grad_atol, rtol=grad_rtol, msg=name)
+
+
 @pytest.mark.parametrize("drop_path_impl", ["subset", "per_sample"])
 @pytest.mark.parametrize("layout", ["globals_and_locals", "odd_three_sizes", "single_resolution", "one_image"])
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
@@ -352,20 +370,7 @@ def test_class_token_readout_matches_the_full_last_block(backend, layout, drop_p
     depth (the same draws keep the same samples), fp32, within 1e-5."""
     torch.manual_seed(0)
     model = tiny_vit(backend, drop_path_rate=0.5, drop_path_impl=drop_path_impl).train()
-    batches = images(LAYOUTS[layout])
-    weights = torch.randn(sum(len(b) for b in batches), model.embed_dim)
-    results = []
-    for readout in (full_readout, lambda m, b: m(b[0]) if len(b) == 1 else m.forward_packed(b)):
-        model.zero_grad()
-        torch.manual_seed(1)
-        out = readout(model, batches)
-        (out * weights).sum().backward()
-        results.append((out, grads(model)))
-    (full, full_grads), (readout_out, readout_grads) = results
-    torch.testing.assert_close(readout_out, full, atol=1e-5, rtol=1e-5)
-    assert readout_grads.keys() == full_grads.keys()
-    for name in full_grads:
-        torch.testing.assert_close(readout_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    check_readout_matches_full(model, images(LAYOUTS[layout]), 1e-5, 1e-5, 1e-5, 1e-4)
 
 
 @pytest.mark.skipif(not xformers_runs_on_cuda(), reason="needs CUDA with working xformers kernels")
@@ -375,19 +380,7 @@ def test_class_token_readout_with_xformers_on_cuda_matches_the_full_last_block(l
     with subset stochastic depth, against the full last block: within 1e-4 (xformers' fp32 kernels)."""
     torch.manual_seed(0)
     model = tiny_vit("xformers", drop_path_rate=0.5).cuda().train()
-    batches = [b.cuda() for b in images(LAYOUTS[layout])]
-    weights = torch.randn(sum(len(b) for b in batches), model.embed_dim, device="cuda")
-    results = []
-    for readout in (full_readout, lambda m, b: m(b[0]) if len(b) == 1 else m.forward_packed(b)):
-        model.zero_grad()
-        torch.manual_seed(1)
-        out = readout(model, batches)
-        (out * weights).sum().backward()
-        results.append((out, grads(model)))
-    (full, full_grads), (readout_out, readout_grads) = results
-    torch.testing.assert_close(readout_out, full, atol=1e-4, rtol=1e-4)
-    for name in full_grads:
-        torch.testing.assert_close(readout_grads[name], full_grads[name], atol=1e-3, rtol=1e-3, msg=name)
+    check_readout_matches_full(model, [b.cuda() for b in images(LAYOUTS[layout])], 1e-4, 1e-4, 1e-3, 1e-3)
 
 
 def test_class_token_readout_runs_the_last_mlp_on_class_tokens_only():
