@@ -59,7 +59,9 @@ def test_features_are_cls_tokens_of_the_last_blocks_and_mean_patch():
     assert features.shape == (4, 3 * 192) and torch.equal(out_labels, labels)
     assert torch.allclose(features[:, :192], last_two[0][:, 0]) and torch.allclose(features[:, 192:384], last_two[1][:, 0])
     assert torch.allclose(features[:, 384:], last_two[1][:, 1:].mean(dim=1))
-    assert torch.allclose(extract_probe_features(backbone, [(images, labels)], "cpu", 1)[0], backbone(images))
+    # forward() computes the last block at the class token alone: the same up to float rounding
+    torch.testing.assert_close(extract_probe_features(backbone, [(images, labels)], "cpu", 1)[0], backbone(images),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_official_defaults_by_arch():

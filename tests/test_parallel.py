@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from fastdino.config import load_config
+from fastdino.parallel import SHARD_PICKLED_CLASSES
 from fastdino.ssl import build_student_teacher
 from fastdino.train.checkpoint import list_checkpoints, load_checkpoint
 from fastdino.train.trainer import Trainer
@@ -105,7 +106,7 @@ def test_last_layer_frozen_for_the_first_epoch_then_trains(two_rank_runs, digits
     for run in ("single", "stage0", "stage1", "stage2"):
         checkpoints = list_checkpoints(two_rank_runs / run / "checkpoints")
         assert [c.name.split(".")[0] for c in checkpoints] == ["step_00000021", "step_00000023"], run
-        end_of_epoch0, later = (load_checkpoint(c)["student"] for c in checkpoints)
+        end_of_epoch0, later = (load_checkpoint(c, shard_classes=SHARD_PICKLED_CLASSES)["student"] for c in checkpoints)
         trainable = [k for k in last_layer if not torch.equal(initial[k], later[k])]
         assert trainable, f"{run}: the last layer never trained"
         for key in last_layer:
@@ -178,7 +179,7 @@ def test_kill_a_rank_then_resume_exactly(tmp_path, digits_betons, two_rank_runs)
     assert "SIGKILL" in err or "Signal 9" in err, err[-3000:]
 
     newest = list_checkpoints(tmp_path / "checkpoints")[-1]
-    assert load_checkpoint(newest)["step"] >= 3
+    assert load_checkpoint(newest, shard_classes=SHARD_PICKLED_CLASSES)["step"] >= 3
     resumed = subprocess.run(torchrun(*args, "--resume", "auto", port=29672), capture_output=True, text=True,
                              timeout=600, env=env())
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -211,7 +212,7 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     (checkpoints / ".tmp-step_00000006" / "fastdino.pt").write_bytes(b"partial")
     (checkpoints / "step_00000005").mkdir()
     assert list_checkpoints(checkpoints) == [complete]
-    assert load_checkpoint(complete)["step"] == 4
+    assert load_checkpoint(complete, shard_classes=SHARD_PICKLED_CLASSES)["step"] == 4
 
 
 def official_param_groups(model):
