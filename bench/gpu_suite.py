@@ -87,6 +87,7 @@ SUMMARY_RESERVE_S = 5.0  # kept back from the last step for merging rows and pri
 # quick ones first: a section cut short by its time limit keeps the outcomes printed so far.
 CUDA_TESTS = ("tests/test_gpu_decode.py", "tests/test_models.py::test_xformers_on_cuda_matches_math",
               "tests/test_packed.py::test_packed_xformers_on_cuda_matches_per_resolution",
+              "tests/test_packed.py::test_class_token_readout_with_xformers_on_cuda_matches_the_full_last_block",
               "tests/test_kernels_ema.py", "tests/test_kernels_dino_loss.py", "tests/test_gpu_config.py")
 # bench_train.py's H100 matrix, the targets' batch first (its targets are at B = 128).
 TRAIN_CONFIGS = (("vit_small", 128, 45), ("vit_base", 128, 55), ("vit_small", 64, 33), ("vit_base", 64, 37))
