@@ -242,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["official", "timm", "safetensors", "hf"])
     export.add_argument("--out", required=True,
                         help="output file, or folder for hf (written under a temporary name, then renamed); a name "
-                             "without an extension gets the format's")
+                             "without an extension gets the format's. An existing folder (not for hf) gets the "
+                             "file inside it: WHICH_backbone.pth (official), WHICH_backbone_timm.safetensors "
+                             "(timm) or WHICH_backbone.safetensors (safetensors), with _with_head before the "
+                             "extension for --with-head")
     export.add_argument("--with-head", action="store_true",
                         help="also write the DINO projection head (official and safetensors only)")
     export.set_defaults(func=_export)
@@ -267,29 +270,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The command and its arguments; building the parser imports torch (fastdino.eval)."""
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCH_SCRIPTS:  # later arguments belong to the script
+        return argparse.Namespace(func=_bench_script, bench_name=argv[1], bench_args=argv[2:])
+    if argv[:1] == ["eval"] and argv[1:2] and argv[1] in EVAL_COMMANDS:
+        return argparse.Namespace(func=_module_command, module=EVAL_COMMANDS[argv[1]][0], module_args=argv[2:])
+    if argv[:1] == ["data"] and argv[1:2] and argv[1] in DATA_COMMANDS:
+        return argparse.Namespace(func=_module_command, module=DATA_COMMANDS[argv[1]][0], module_args=argv[2:])
+    return build_parser().parse_args(argv)
+
+
+def _close_progress_bars() -> None:
+    """Closes the tqdm bars a failed command left open (the traceback keeps them alive), innermost
+    first, so that the one-line message after them starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None:  # nothing imported it: no bar was drawn
+        return
+    # A bar interrupted while it was being made has no position yet; close() skips it.
+    for bar in sorted(tqdm.tqdm._instances, key=lambda bar: abs(getattr(bar, "pos", 0)), reverse=True):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the `fastdino` command `argv` (default: sys.argv[1:]) and returns its exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK in the environment says the same.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     choose_omp_wait_policy(argv)
-    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCH_SCRIPTS:  # later arguments belong to the script
-        args = argparse.Namespace(func=_bench_script, bench_name=argv[1], bench_args=argv[2:])
-    elif argv[:1] == ["eval"] and argv[1:2] and argv[1] in EVAL_COMMANDS:
-        args = argparse.Namespace(func=_module_command, module=EVAL_COMMANDS[argv[1]][0], module_args=argv[2:])
-    elif argv[:1] == ["data"] and argv[1:2] and argv[1] in DATA_COMMANDS:
-        args = argparse.Namespace(func=_module_command, module=DATA_COMMANDS[argv[1]][0], module_args=argv[2:])
-    else:
-        args = build_parser().parse_args(argv)
-    if os.environ.get("FASTDINO_DEBUG") == "1":
-        return args.func(args)
+    debug = os.environ.get("FASTDINO_DEBUG") == "1"
+    # Parsing is inside the try: the heavy imports (torch, matplotlib) take seconds, and a Ctrl-C
+    # during them is an interruption like any later one, not a traceback.
     try:
+        args = _parse(argv)
         return args.func(args)
     # `exit_status` (training stopped by SIGINT/SIGTERM) is the shell's 128 + signal number, so that
     # schedulers and scripts see an interruption (130, 143) rather than a failure.
     except KeyboardInterrupt as exc:
-        print(f"fastdino: interrupted{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
+        if debug:
+            raise
+        _close_progress_bars()
+        print(f"fastdino: stopped: {exc if str(exc) else 'interrupted'}", file=sys.stderr)
         return getattr(exc, "exit_status", 130)
     except Exception as exc:  # one clear line for the user; FASTDINO_DEBUG=1 shows the traceback
+        if debug:
+            raise
+        _close_progress_bars()
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         # A run stopped by a signal after saving (exit status 130/143) did what was asked: no "error".
         trainer = sys.modules.get("fastdino.train.trainer")

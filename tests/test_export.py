@@ -97,6 +97,42 @@ def test_output_names_follow_the_format(tmp_path, training_checkpoint, capsys):
         assert export_weights(training_checkpoint, tmp_path / name, "official")["out"] == str(tmp_path / name)
 
 
+@pytest.mark.parametrize("fmt, flags, name", [
+    ("official", [], "teacher_backbone.pth"),
+    ("official", ["--with-head", "--which", "student"], "student_backbone_with_head.pth"),
+    ("timm", [], "teacher_backbone_timm.safetensors"),
+    ("safetensors", [], "teacher_backbone.safetensors"),
+    ("safetensors", ["--with-head"], "teacher_backbone_with_head.safetensors"),
+])
+def test_an_existing_folder_gets_the_file_inside_it(tmp_path, training_checkpoint, images, capsys, fmt, flags, name):
+    """Not FOLDER.pth beside it; the name says what the file holds, and the command says where it is."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert main(["export", str(training_checkpoint), "--format", fmt, "--out", str(folder), *flags]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {folder / name}: {fmt} layout")
+    assert [p.name for p in tmp_path.iterdir()] == ["exports"]
+    assert [p.name for p in folder.iterdir()] == [name]
+    which = "student" if "student" in flags else "teacher"
+    with torch.no_grad():
+        assert torch.equal(load_pretrained_backbone(folder / name, which=which)(images),
+                           reference(training_checkpoint, which)(images))
+
+
+def test_hf_writes_an_existing_folder_itself(tmp_path, training_checkpoint, capsys):
+    """hf's output is a folder: an empty one becomes the export, one holding anything else is refused."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert main(["export", str(training_checkpoint), "--format", "hf", "--out", str(folder)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {folder}: hf layout")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["export", str(training_checkpoint), "--format", "hf", "--out", str(tmp_path / "mine")]) == 1
+    assert capsys.readouterr().err == f"fastdino: error: output {tmp_path / 'mine'} exists and is not an hf export: " \
+                                      "give a new folder name\n"
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.parametrize("fmt", ["official", "timm", "safetensors", "hf"])
 def test_exports_get_the_permissions_of_the_umask(tmp_path, training_checkpoint, fmt):
     """Not 0600 (what safetensors' own writer gives): an export is meant to be shared."""

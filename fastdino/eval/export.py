@@ -26,8 +26,10 @@ position embedding the image size. Arguments given to the reader win over both.
 
 Writing (`export_weights`). Each format has its extension, added to an output name that has
 none; an extension of another format is an error (safetensors bytes in a `.pth` file would be
-taken for a pickle). Every file is written to a temporary name and renamed, so a crash never
-leaves half a file, with the permissions the umask gives (safetensors' own writer makes 0600 files).
+taken for a pickle). An existing folder given to a one-file format gets the file inside it,
+named after what it holds (`output_path`). Every file is written to a temporary name and
+renamed, so a crash never leaves half a file, with the permissions the umask gives
+(safetensors' own writer makes 0600 files).
   * official (.pth): a plain `VisionTransformer.state_dict()`; with the head, `{which:
     {backbone.*, head.*}}` as the teacher entry of the official full checkpoints.
   * timm (.safetensors): timm's `VisionTransformer` kept DINO's backbone names key for key
@@ -232,12 +234,19 @@ def load_pretrained_backbone(path: str | Path, arch: str | None = None, patch_si
     return read_backbone(path, which, arch, patch_size, depth, img_size)[0]
 
 
-def output_path(out: str | Path, fmt: str) -> Path:
-    """Where `export_weights` writes `fmt`: `out`, with the format's extension added when its
-    name has none (hf: a folder, as named). Raises CheckpointError when `out` has the extension
-    of another kind of weights file."""
+def output_path(out: str | Path, fmt: str, which: str = "teacher", with_head: bool = False) -> Path:
+    """Where `export_weights` writes `fmt`. When `out` is an existing folder and the format writes
+    one file: inside it, as WHICH_backbone.pth (official), WHICH_backbone_timm.safetensors (timm)
+    or WHICH_backbone.safetensors (safetensors), `_with_head` before the extension when the file
+    holds the DINO head. Else `out`, with the format's extension added when its name has none (hf:
+    a folder, as named). Raises CheckpointError when `out` has the extension of another kind of
+    weights file."""
     out = Path(out)
     suffix, allowed = out.suffix.lower(), FORMAT_SUFFIXES[fmt]
+    if allowed and out.is_dir():  # whoever names a folder means to write into it, not beside it
+        # timm and safetensors share an extension: the layout in the name keeps both in one folder.
+        layout = "_timm" if fmt == "timm" else ""
+        return out / f"{which}_backbone{layout}{'_with_head' if with_head else ''}{allowed[0]}"
     if suffix in _WEIGHT_SUFFIXES and suffix not in allowed:
         kind = "a folder (config.json + model.safetensors)" if fmt == "hf" else f"a {allowed[0]} file"
         fixed = out.with_suffix(allowed[0] if allowed else "")
@@ -248,7 +257,7 @@ def output_path(out: str | Path, fmt: str) -> Path:
 def export_weights(path: str | Path, out: str | Path, fmt: str, which: str = "teacher", with_head: bool = False,
                    arch: str | None = None, patch_size: int | None = None) -> dict:
     """Writes `which`'s backbone of `path` (anything `read_backbone` reads) in format `fmt` to
-    `output_path(out, fmt)`; returns a summary of what it wrote (`out`: the path written) and
+    `output_path(out, fmt, which, with_head)`; returns a summary of what it wrote (`out`: the path written) and
     the file it read (`source`). Raises CheckpointError (a file that cannot be read, a head asked
     for where the format has no place for it, an output name of another format, an hf folder
     that would overwrite something else)."""
@@ -256,7 +265,7 @@ def export_weights(path: str | Path, out: str | Path, fmt: str, which: str = "te
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     if with_head and fmt in ("timm", "hf"):
         raise CheckpointError(f"{fmt} has no place for the DINO projection head: export {fmt} without --with-head")
-    out = output_path(out, fmt)
+    out = output_path(out, fmt, which, with_head)
     # Building the model checks that the tensors fit the architecture written into the metadata.
     backbone, weights = read_backbone(path, which, arch, patch_size)
     if with_head and not weights.head:
