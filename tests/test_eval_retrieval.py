@@ -280,6 +280,7 @@ def test_revisited_end_to_end_perfect_retrieval(tmp_path, weights):
     assert result["checkpoint"]["arch"] == "vit_tiny" and result["checkpoint"]["patch_size"] == 8
     with Image.open(tmp_path / "ranks.png") as png:
         assert png.format == "PNG" and png.width > png.height > 0
+    assert result["png"] == str(tmp_path / "ranks.png") and not (tmp_path / "out.png").exists()
 
 
 def test_revisited_options_and_full_queries(tmp_path, weights):
@@ -292,6 +293,9 @@ def test_revisited_options_and_full_queries(tmp_path, weights):
     assert len(result["settings"]["scales"]) == 3 and result["settings"]["drop_high_variance"] == 4
     assert set(result["medium"]) == {"mAP", "mP@1", "mP@2", "queries", "queries_without_positives"}
     assert 0 <= result["medium"]["mAP"] <= 100
+    assert result["png"] == str(tmp_path / "out.png")  # without --png: beside the JSON
+    with Image.open(tmp_path / "out.png") as png:
+        assert png.format == "PNG"
 
 
 def test_instances_end_to_end(tmp_path, weights):

@@ -13,6 +13,7 @@ from scipy import ndimage
 from skimage.morphology import disk
 
 from fastdino import cli, models
+from fastdino.eval import video as video_module
 from fastdino.eval.video import (boundary_f_measure, boundary_map, boundary_radius, davis_palette, davis_statistics,
                                  feature_size, jaccard, labels_to_segmentation, propagate_labels, read_davis)
 
@@ -84,6 +85,19 @@ def reference_propagation(target, sources, labels, grid, topk, temperature, neig
     affinity[affinity < kth] = 0
     affinity = affinity / affinity.sum(dim=0, keepdim=True)
     return (labels.reshape(context * n, -1).T @ affinity).T
+
+
+def all_pairs_then_mask(target, sources, labels, grid, topk, temperature, neighbourhood):
+    """Every target patch against every context patch, the window applied afterwards as a mask
+    of -inf: what propagate_labels computed before it scored only the window."""
+    context, n, _ = sources.shape
+    rows, cols = torch.arange(n) // grid[1], torch.arange(n) % grid[1]
+    near = ((rows[:, None] - rows[None]).abs() <= neighbourhood) & ((cols[:, None] - cols[None]).abs() <= neighbourhood)
+    similarity = (target @ sources.reshape(context * n, -1).T).view(n, context, n)
+    similarity = similarity.masked_fill(~near[:, None], float("-inf")).view(n, context * n)
+    values, indices = similarity.topk(min(topk, context * n), dim=1)
+    weights = torch.softmax(values / temperature, dim=1)
+    return torch.einsum("qk,qkc->qc", weights, labels.reshape(context * n, -1)[indices])
 
 
 def square(shape, top, left, side):
@@ -229,6 +243,33 @@ def test_propagation_matches_the_official_formulation(neighbourhood, topk):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tile,chunk", [(1, 2 ** 24), (3, 1), (12, 2 ** 24)])  # chunk 1: one tile per batch
+@pytest.mark.parametrize("grid,context,neighbourhood,topk", [
+    ((7, 9), 2, 1, 5),  # odd sides, the smallest window
+    ((1, 11), 3, 2, 5),  # a single row
+    ((13, 3), 2, 4, 5),  # the window spans the width but not the height
+    ((17, 23), 3, 5, 5),  # several tiles, the last ones cut short
+    ((11, 10), 2, 1, 20),  # more neighbours than a corner's window holds: -inf ones weigh nothing
+    ((5, 6), 2, 20, 5),  # the window covers the grid
+])
+def test_windowed_propagation_matches_all_pairs_then_mask(monkeypatch, tile, chunk, grid, context, neighbourhood,
+                                                          topk):
+    monkeypatch.setattr(video_module, "WINDOW_TILE", tile)
+    monkeypatch.setattr(video_module, "WINDOW_CHUNK", chunk)
+    generator = torch.Generator().manual_seed(grid[0] * 100 + grid[1])
+    n = grid[0] * grid[1]
+    target = F.normalize(torch.randn(n, 24, generator=generator), dim=1)
+    sources = F.normalize(torch.randn(context, n, 24, generator=generator), dim=2)
+    labels = torch.softmax(3 * torch.randn(context, n, 4, generator=generator), dim=2)
+    ours = propagate_labels(target, sources, labels, grid, topk=topk, temperature=0.1, neighbourhood=neighbourhood)
+    expected = all_pairs_then_mask(target, sources, labels, grid, topk, 0.1, neighbourhood)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours.argmax(1), expected.argmax(1))
+    frame = (grid[0] * 4, grid[1] * 4)
+    assert np.array_equal(labels_to_segmentation(ours, grid, 4, frame),
+                          labels_to_segmentation(expected, grid, 4, frame))
+
+
 def test_labels_to_segmentation_upsamples_and_rescales_each_label():
     # Along a straight edge between two labels, bilinear upsampling is the nearest one.
     mask = np.array([[2, 2, 0], [2, 2, 0]])
@@ -323,6 +364,7 @@ def test_command_writes_json_png_and_masks(davis_run):
     for name in ("walk", "pair"):
         with Image.open(out / "png" / f"{name}.png") as picture:
             assert picture.width > 100 and picture.height > 50
+    assert not (out / "video_png").exists()  # --png given: nothing beside the JSON
 
 
 def test_command_options_and_errors(davis_run, tmp_path, capsys):
@@ -334,6 +376,7 @@ def test_command_options_and_errors(davis_run, tmp_path, capsys):
     results = json.loads(json_path.read_text())
     assert list(results["videos"]) == ["pair"] and results["settings"]["drop_high_variance"] == 4
     assert results["videos"]["pair"]["feature_grid"] == [4, 5]  # 32 x 43 floored to patches of 8
+    assert [p.name for p in (tmp_path / "one_png").iterdir()] == ["pair.png"]  # without --png: beside the JSON
     capsys.readouterr()
 
     assert cli.main(["eval", "video", str(checkpoint), "--data", str(root), "--videos", "nope"]) == 1

@@ -554,7 +554,9 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=64, help="images of one size embedded together (default 64)")
     parser.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0)) - 1),
                         help="image reading processes (default: up to 4, one core left to the model; 0: in this one)")
-    parser.add_argument("--png", metavar="FILE", help="draw the best-ranked database images of a few queries here")
+    parser.add_argument("--png", metavar="FILE",
+                        help="draw the best-ranked database images of a few queries here (default: the --json path "
+                             "with .png, when --json is given)")
     parser.add_argument("--show", type=int, default=4, help="queries in the PNG (default 4, spread over the queries)")
     parser.add_argument("--top", type=int, default=8, help="ranked images per query in the PNG (default 8)")
     add_run_arguments(parser)
@@ -623,10 +625,11 @@ def main(argv: Sequence[str]) -> int:
                        "step": weights.step},
         "seconds": {"embedding": round(embedded - read, 3), "total": round(time.perf_counter() - started, 3)},
     }
-    if args.png:
+    png = args.png or (Path(args.json).with_suffix(".png") if args.json else None)
+    if png:
         shown = np.unique(np.linspace(0, len(data.queries) - 1, min(args.show, len(data.queries))).round().astype(int))
         rows = ranking_rows(data, queries, database, shown.tolist(), args.top, full_queries=args.full_queries)
-        summary["png"] = str(save_ranking_figure(rows, args.png))
+        summary["png"] = str(save_ranking_figure(rows, png))
         print(summary["png"])
     write_json(args.json, summary)
     return 0

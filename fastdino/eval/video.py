@@ -43,6 +43,13 @@ VOID_LABEL = 255
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Affinity entries per chunk of target patches: bounds the [patches, context patches] matrix.
 AFFINITY_CHUNK = 2 ** 24
+# Side, in patches, of the tiles of target patches the windowed search scores together: larger
+# tiles gather fewer copies of each context patch but score more outside each patch's window
+# (12 was fastest on a CPU at neighbourhood 12, 60x106 patches).
+WINDOW_TILE = 12
+# Gathered context features (entries of [tiles, T * keys, D]) per batch of tiles in the windowed
+# search: bounds its memory.
+WINDOW_CHUNK = 2 ** 24
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +161,10 @@ def propagate_labels(target: torch.Tensor, sources: torch.Tensor, source_labels:
     softmax(similarity / temperature) over the kept ones (the official exp(sim / 0.1), zeroed
     outside the window and below the k-th, then normalised). Returns `[N, C]` float on the
     features' device. Raises ValueError for shapes that do not fit.
+
+    The official scores every pair of patches and masks the window afterwards; where the window
+    is smaller than the grid, `_propagate_windowed` scores only the context patches within reach
+    and keeps the same neighbours and weights.
     """
     context, patches, dim = sources.shape
     height, width = grid
@@ -163,23 +174,69 @@ def propagate_labels(target: torch.Tensor, sources: torch.Tensor, source_labels:
     keys = sources.reshape(context * patches, dim)
     labels = source_labels.reshape(context * patches, -1).to(target.dtype)
     k = min(topk, context * patches)
-    positions = torch.arange(patches, device=target.device)
-    rows, cols = positions // width, positions % width
+    if 0 < neighbourhood < max(height, width) - 1:
+        return _propagate_windowed(target, keys, labels, grid, k, temperature, neighbourhood)
     chunk = max(1, AFFINITY_CHUNK // (context * patches))
     out = []
     for start in range(0, patches, chunk):
-        queries = slice(start, start + chunk)
-        similarity = target[queries] @ keys.T  # [q, T*N]
-        if neighbourhood > 0:
-            near = (((rows[queries, None] - rows[None]).abs() <= neighbourhood)
-                    & ((cols[queries, None] - cols[None]).abs() <= neighbourhood))
-            # Every query sees its own position in each context frame, so some key stays finite.
-            similarity = similarity.view(-1, context, patches).masked_fill(~near[:, None], float("-inf"))
-            similarity = similarity.view(-1, context * patches)
+        similarity = target[start:start + chunk] @ keys.T  # [q, T*N]
         values, indices = similarity.topk(k, dim=1)
         weights = torch.softmax(values / temperature, dim=1)
         out.append(torch.einsum("qk,qkc->qc", weights, labels[indices]))
     return torch.cat(out)
+
+
+def _propagate_windowed(target: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
+                        k: int, temperature: float, neighbourhood: int) -> torch.Tensor:
+    """`propagate_labels` with a window smaller than the grid: `target` `[N, D]`, `keys` `[T*N, D]`
+    and `labels` `[T*N, C]` (the T context frames one after the other); returns `[N, C]`.
+
+    The target grid is cut into tiles of `WINDOW_TILE` x `WINDOW_TILE` patches; each tile is
+    scored against the context patches of the T frames within reach of any of its patches (one
+    matrix product per tile, in batches of tiles), and what lies outside a patch's own window
+    is masked as in the official, so that the top-k and softmax see the same finite values.
+    """
+    height, width = grid
+    patches, dim = target.shape
+    context = keys.shape[0] // patches
+    row_targets, row_real, row_keys, row_reach = _window_tiles(height, neighbourhood, target.device)
+    col_targets, col_real, col_keys, col_reach = _window_tiles(width, neighbourhood, target.device)
+    tiles = len(row_targets) * len(col_targets)
+    target_index = (row_targets[:, None, :, None] * width + col_targets[None, :, None, :]).reshape(tiles, -1)
+    real = (row_real[:, None, :, None] & col_real[None, :, None, :]).reshape(tiles, -1)
+    key_positions = (row_keys[:, None, :, None] * width + col_keys[None, :, None, :]).reshape(tiles, 1, -1)
+    queries, reach = target_index.shape[1], key_positions.shape[2]
+    key_index = (torch.arange(context, device=target.device)[:, None] * patches + key_positions).reshape(tiles, -1)
+    far = ~(row_reach[:, None, :, None, :, None] & col_reach[None, :, None, :, None, :]).reshape(
+        tiles, queries, 1, reach)
+    out = target.new_empty(patches, labels.shape[1])
+    chunk = max(1, WINDOW_CHUNK // (context * reach * dim))
+    for start in range(0, tiles, chunk):
+        part = slice(start, start + chunk)
+        similarity = torch.bmm(target[target_index[part]], keys[key_index[part]].transpose(1, 2))  # [t, q, T*reach]
+        # Every target patch reaches its own position in each context frame, so some key stays finite.
+        similarity = similarity.view(-1, queries, context, reach).masked_fill(far[part], float("-inf")).flatten(2)
+        values, indices = similarity.topk(min(k, context * reach), dim=2)
+        weights = torch.softmax(values / temperature, dim=2)
+        chosen = key_index[part, None].expand(-1, queries, -1).gather(2, indices)
+        soft = torch.einsum("tqk,tqkc->tqc", weights, labels[chosen])
+        out[target_index[part][real[part]]] = soft[real[part]]
+    return out
+
+
+def _window_tiles(size: int, neighbourhood: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """One grid axis of `size` patches cut into tiles for `_propagate_windowed`: the target
+    positions of each tile `[tiles, t]` (past the end, repeats of the last one, which keep every
+    tile the same size), whether each is not such a repeat `[tiles, t]`, the context positions
+    scored with the tile `[tiles, s]` (all within reach of the tile, shifted inside the axis at
+    its ends) and whether each target position reaches each of them `[tiles, t, s]`."""
+    tile = min(WINDOW_TILE, size)
+    span = min(size, tile + 2 * neighbourhood)
+    starts = torch.arange(0, size, tile, device=device)
+    positions = starts[:, None] + torch.arange(tile, device=device)
+    targets = positions.clamp(max=size - 1)
+    keys = (starts - neighbourhood).clamp(0, size - span)[:, None] + torch.arange(span, device=device)
+    return targets, positions < size, keys, (targets[:, :, None] - keys[:, None, :]).abs() <= neighbourhood
 
 
 def labels_to_segmentation(soft_labels: torch.Tensor, grid: tuple[int, int], patch_size: int,
@@ -518,7 +575,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=8, help="frames embedded per forward pass (default 8)")
     parser.add_argument("--png", metavar="DIR",
                         help="write DIR/<video>.png: a few frames with the annotation and the propagated masks "
-                             "overlaid in the DAVIS palette")
+                             "overlaid in the DAVIS palette (default: when --json is given, a folder beside it named "
+                             "like it with _png for its suffix: --json out/video.json writes out/video_png/)")
     parser.add_argument("--save-masks", metavar="DIR",
                         help="write the propagated masks as DAVIS palette PNGs, DIR/<video>/<frame>.png (the "
                              "davis2017-evaluation toolkit's results layout)")
@@ -550,12 +608,14 @@ def main(argv: Sequence[str]) -> int:
     backbone, weights = read_backbone(args, device)
     if 0 < args.size < backbone.patch_embed.patch_size:
         raise ValueError(f"--size {args.size} is smaller than the patch size {backbone.patch_embed.patch_size}")
+    png_dir = Path(args.png) if args.png else None
+    if png_dir is None and args.json:
+        png_dir = Path(args.json).with_name(f"{Path(args.json).stem}_png")
     started = time.perf_counter()
     results = evaluate_davis(backbone, videos, size=args.size, n_last_frames=args.n_last_frames, topk=args.topk,
                              neighbourhood=args.size_mask_neighborhood, temperature=args.temperature,
                              drop_high_variance=args.drop_high_variance, batch_size=args.batch_size,
-                             png_dir=Path(args.png) if args.png else None,
-                             masks_dir=Path(args.save_masks) if args.save_masks else None)
+                             png_dir=png_dir, masks_dir=Path(args.save_masks) if args.save_masks else None)
     seconds = time.perf_counter() - started
     for name, video in results["videos"].items():
         print(f"{name:<24s} J&F {video['J&F']:6.2f}  " + "  ".join(
@@ -576,4 +636,6 @@ def main(argv: Sequence[str]) -> int:
                      "device": str(device), "boundary_tolerance": BOUNDARY_TOLERANCE,
                      "scored_frames": "all but the first and the last"}})
     write_json(args.json, results)
+    if png_dir is not None:
+        print(f"wrote {png_dir}/<video>.png for {len(videos)} videos", file=sys.stderr)
     return 0
