@@ -83,11 +83,13 @@ class ModelConfig:
     """The ViT backbone and its DINO head."""
     arch: str = setting("vit_small", "vit_tiny (192-d) | vit_small (384-d) | vit_base (768-d)",
                         choices=("vit_tiny", "vit_small", "vit_base"))
-    depth: int = setting(12, "transformer blocks (12 for the official models; fewer for tiny CPU runs)")
+    depth: int = setting(12, "transformer blocks (12 for the official models; fewer for tiny CPU runs)",
+                         positive=True)
     patch_size: int = setting(16, "16 or 8 (4 for tiny images such as the demo's)", choices=(4, 8, 16))
     img_size: int = setting(224, "size the position embedding is made for; other sizes interpolate",
                             multiple_of="model.patch_size")
-    drop_path_rate: float = setting(0.1, "stochastic depth, student only (the teacher gets 0)")
+    drop_path_rate: float = setting(0.1, "stochastic depth, student only (the teacher gets 0)",
+                                    bounds=(0, 0.99))
     attn_backend: str = setting("auto", "auto | xformers | sdpa | math; auto logs what it picked and why",
                                 choices=("auto", "xformers", "sdpa", "math"), resume=True)
     out_dim: int = setting(65536, "K, prototypes of the DINO head (at least 2: with one prototype the softmax is "
@@ -164,28 +166,31 @@ class DataConfig:
 class OptimConfig:
     """AdamW and its schedules (lengths in epochs)."""
     epochs: int = setting(100, "length of every schedule", positive=True)
-    lr: float = setting(0.0005, "peak lr for a total batch of 256 (scaled linearly with the batch)")
-    min_lr: float = setting(1e-6, "lr at the end of the cosine decay")
+    lr: float = setting(0.0005, "peak lr for a total batch of 256 (scaled linearly with the batch)",
+                        bounds=(0, None))
+    min_lr: float = setting(1e-6, "lr at the end of the cosine decay", bounds=(0, None))
     warmup_epochs: float = setting(10.0, "linear lr warm-up from 0 (at most optim.epochs)", bounds=(0, None),
                                    warmup_of="optim.lr")
     weight_decay: float = setting(0.04, "weight decay at step 0 (cosine to weight_decay_end); biases and 1-D params "
-                                        "get none")
-    weight_decay_end: float = setting(0.4, "weight decay at the end of the cosine schedule")
+                                        "get none", bounds=(0, None))
+    weight_decay_end: float = setting(0.4, "weight decay at the end of the cosine schedule", bounds=(0, None))
     betas: List[float] = setting([0.9, 0.999], "AdamW betas (torch defaults, as the official)", length=2)
-    clip_grad: float = setting(3.0, "clip each parameter's gradient norm on its own, as the official; 0 disables")
+    clip_grad: float = setting(3.0, "clip each parameter's gradient norm on its own, as the official; 0 disables",
+                                bounds=(0, None))
     freeze_last_layer: int = setting(1, "epochs during which the head's last layer gets no update")
 
 
 @dataclass
 class DINOConfig:
     """The DINO objective: EMA teacher, temperatures and centring."""
-    momentum_teacher: float = setting(0.996, "EMA momentum at step 0, cosine to 1 at the end")
-    warmup_teacher_temp: float = setting(0.04, "teacher temperature at epoch 0")
-    teacher_temp: float = setting(0.04, "teacher temperature after the warm-up (>0.07 tends to be unstable)")
+    momentum_teacher: float = setting(0.996, "EMA momentum at step 0, cosine to 1 at the end", bounds=(0, 1))
+    warmup_teacher_temp: float = setting(0.04, "teacher temperature at epoch 0", positive=True)
+    teacher_temp: float = setting(0.04, "teacher temperature after the warm-up (>0.07 tends to be unstable)",
+                                  positive=True)
     warmup_teacher_temp_epochs: int = setting(0, "linear teacher-temperature warm-up length (at most optim.epochs)",
                                               bounds=(0, None), warmup_of="dino.teacher_temp")
-    student_temp: float = setting(0.1, "student temperature")
-    center_momentum: float = setting(0.9, "EMA momentum of the teacher centre")
+    student_temp: float = setting(0.1, "student temperature", positive=True)
+    center_momentum: float = setting(0.9, "EMA momentum of the teacher centre", bounds=(0, 1))
     loss_impl: str = setting("auto", "auto | triton | torch: fused Triton kernel where it runs, else the PyTorch "
                                      "twin", choices=("auto", "triton", "torch"), resume=True)
     ema_impl: str = setting("auto", "auto | triton | torch", choices=("auto", "triton", "torch"), resume=True)

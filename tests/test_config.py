@@ -101,6 +101,14 @@ def test_warmup_longer_than_the_run_is_an_error(key, value):
     ("data.augment.blur_p=[1.0,0.1]", "config key 'data.augment.blur_p' needs 3 values (Gaussian blur probability: "
                                       "global crop 1, global crop 2, local crops), got 2"),
     ("data.local_size=100", "config key 'data.local_size' must be a multiple of model.patch_size=16"),
+    ("optim.lr=-1", "config key 'optim.lr' must be >= 0, got -1.0"),
+    ("optim.weight_decay=-1", "config key 'optim.weight_decay' must be >= 0, got -1.0"),
+    ("optim.clip_grad=-1", "config key 'optim.clip_grad' must be >= 0, got -1.0"),
+    ("dino.momentum_teacher=1.5", "config key 'dino.momentum_teacher' must be between 0 and 1, got 1.5"),
+    ("dino.teacher_temp=0", "config key 'dino.teacher_temp' must be positive, got 0.0"),
+    ("dino.student_temp=0", "config key 'dino.student_temp' must be positive, got 0.0"),
+    ("model.depth=0", "config key 'model.depth' must be positive, got 0"),
+    ("model.drop_path_rate=1.5", "config key 'model.drop_path_rate' must be between 0 and 0.99, got 1.5"),
     ("optim.warmup_epochs=101", "config key 'optim.warmup_epochs' is 101.0 but optim.epochs is 100: the warm-up "
                                 "would never reach optim.lr=0.0005; shorten it or raise optim.epochs"),
 ])
